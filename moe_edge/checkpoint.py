@@ -1,0 +1,214 @@
+"""Safetensors checkpoints: lazy reads by tensor name, and sharded writes that land atomically.
+
+Only safetensors is ever read: pickle files (`*.bin`, `*.pt`) can run code when loaded, so a
+folder that has only those is refused with a message saying how to convert it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointReader:
+    """Tensors of a single-file or sharded safetensors checkpoint, read one at a time.
+
+    >>> reader = CheckpointReader("deepseek-moe-16b-chat")
+    >>> w = reader.get("model.layers.1.mlp.gate.weight")   # reads only that tensor
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: no such model folder")
+        self._handles: dict[Path, object] = {}
+        self._file_of = self._locate_tensors()
+
+    def _locate_tensors(self) -> dict[str, Path]:
+        index = self.folder / INDEX_FILE
+        if index.exists():
+            return self._read_index(index)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(self._no_safetensors_message())
+        return {name: f for f in files for name in self._open(f).keys()}
+
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}); it needs a "
+                                  "'weight_map' of tensor name -> shard file") from None
+        located = {}
+        for name, shard in weight_map.items():
+            path = self.folder / shard
+            if not path.exists():
+                raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} is missing; "
+                                      "download the complete checkpoint")
+            located[name] = path
+        return located
+
+    def _no_safetensors_message(self) -> str:
+        pickles = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            return (f"{self.folder}: only pickle weights ({', '.join(sorted(pickles)[:3])}); "
+                    "moe-edge never loads pickles because they can execute code. Convert them "
+                    "to safetensors (e.g. load in transformers and save_pretrained(..., "
+                    "safe_serialization=True)) and try again")
+        return f"{self.folder}: no *.safetensors weight files found"
+
+    def _open(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors file ({e}); the file is "
+                                      "probably truncated or corrupt - download it again") from None
+            self._handles[path] = handle
+        return handle
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def file_of(self, name: str) -> Path:
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        return self._file_of[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.file_of(name)).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._read(name, None)
+
+    def get_expert(self, name: str, index: int) -> torch.Tensor:
+        """`tensor[index]` of a stacked [E, ...] tensor, reading only that slice."""
+        return self._read(name, index)
+
+    def _read(self, name: str, index: int | None) -> torch.Tensor:
+        path = self.file_of(name)
+        try:
+            handle = self._open(path)
+            return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); the file is "
+                                  "probably truncated or corrupt - download it again") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def shard_name(i: int, n: int) -> str:
+    return SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class ShardedWriter:
+    """Writes tensors into size-capped safetensors shards plus an index, atomically.
+
+    Everything goes to a temporary folder beside `out`; only `commit()` moves it into place,
+    so an interrupted run never leaves a folder that looks complete.
+
+    >>> with ShardedWriter("out", max_shard_bytes=2**30) as w:
+    ...     w.add("model.embed_tokens.weight", emb)
+    ...     w.write_json("config.json", cfg)
+    ...     w.commit()
+    """
+
+    def __init__(self, out: str | Path, max_shard_bytes: int = 4 * 2**30, overwrite: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise CheckpointError(f"{self.out}: already exists; choose another output folder "
+                                  "or pass overwrite")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self._mode = 0o777 & ~_umask()
+        os.chmod(self.tmp, self._mode)  # mkdtemp makes it private; the output is a normal folder
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self._names: set[str] = set()
+        self._total_bytes = 0
+        self.committed = False
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise CheckpointError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._names.add(name)
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += nbytes
+        self._total_bytes += nbytes
+
+    def add_all(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, t in tensors:
+            self.add(name, t)
+
+    def _flush(self) -> None:
+        i = len(self._shards)
+        save_file(self._pending, str(self.tmp / f"shard-{i}.tmp"), metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def write_json(self, filename: str, obj: dict) -> None:
+        (self.tmp / filename).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n",
+                                         encoding="utf-8")
+
+    def copy_file(self, src: str | Path) -> None:
+        shutil.copy2(src, self.tmp / Path(src).name)
+
+    def commit(self) -> Path:
+        """Name the shards, write the index, and move the folder into place."""
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            os.replace(self.tmp / f"shard-{i}.tmp", self.tmp / shard_name(i, n))
+            os.chmod(self.tmp / shard_name(i, n), self._mode & 0o666)
+            weight_map.update({name: shard_name(i, n) for name in names})
+        if n > 1:
+            self.write_json(INDEX_FILE, {"metadata": {"total_size": self._total_bytes},
+                                         "weight_map": weight_map})
+        self._replace_out()
+        self.committed = True
+        return self.out
+
+    def _replace_out(self) -> None:
+        old = None
+        if self.out.exists():  # overwrite: move the old folder aside, so it is never half-replaced
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

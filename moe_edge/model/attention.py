@@ -1,0 +1,94 @@
+"""Multi-head attention with GQA, optional q/k norm and qkv bias, and a preallocated KV cache."""
+# B=batch, T=new tokens, S=cached+new tokens, H=query heads, K=kv heads, Hd=head dim, D=hidden
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm, apply_rotary
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated to `capacity` positions.
+
+    Decoding writes in place; nothing is allocated per token.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.capacity = capacity
+        self.length = 0  # positions filled, advanced by the model after all layers ran
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"context full: {end} positions needed, the KV cache holds "
+                             f"{self.capacity}; raise the context size")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        c = config
+        self.layer, self.num_heads, self.num_kv_heads = layer, c.num_heads, c.num_kv_heads
+        self.head_dim, self.clip, self.window = c.head_dim, c.clip_qkv, c.sliding_window
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.qk_norm = c.qk_norm
+        if c.qk_norm is not None:
+            # Qwen3 normalises each head; OLMoE the whole projection before the head split.
+            q_dim = c.head_dim if c.qk_norm == "head" else c.num_heads * c.head_dim
+            k_dim = c.head_dim if c.qk_norm == "head" else c.num_kv_heads * c.head_dim
+            self.q_norm = RMSNorm(q_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(k_dim, c.rms_norm_eps)
+
+    def _project(self, x: torch.Tensor):
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, Hd]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._project(x)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)  # [B, K, S, Hd]
+        mask = self._mask(start, T, k.shape[2], x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _mask(self, start: int, T: int, S: int, device) -> torch.Tensor | None:
+        """None when SDPA's own causal flag (or no mask at all) is exact."""
+        if self.window is None and (start == 0 or T == 1):
+            return None
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        allowed = k_pos <= q_pos  # [T, S]
+        if self.window is not None:
+            allowed &= q_pos - k_pos < self.window
+        return allowed

@@ -1,0 +1,107 @@
+"""The MoE block: router math of every family, routed experts from a provider, shared experts."""
+# N=tokens (batch*time flattened), D=hidden, E=routed experts, A=active experts per token (top-k)
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+Expert = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ExpertProvider(Protocol):
+    """Where one MoE layer's routed experts live.
+
+    `experts_for(ids)` yields `(expert id, callable)` for every id, in whatever order they
+    become available: a resident provider yields them at once, an offloading one yields
+    cached experts first and the rest as their loads land. The MoE block does not care.
+    """
+
+    def experts_for(self, ids: Iterable[int]) -> Iterator[tuple[int, Expert]]: ...
+
+
+class ResidentExperts(nn.ModuleList):
+    """Every routed expert of one layer held in memory; names stay `experts.{e}.*_proj`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(MLP(config.hidden_size, config.moe_intermediate_size)
+                         for _ in range(config.num_experts))
+
+    def experts_for(self, ids: Iterable[int]) -> Iterator[tuple[int, Expert]]:
+        for e in ids:
+            yield e, self[e]
+
+
+class Router(nn.Module):
+    """softmax over all E experts, top-k, optional renormalisation of the k weights.
+
+    DeepSeek-MoE and OLMoE keep the raw softmax weights; Mixtral and Qwen3-MoE renormalise
+    (for Mixtral that equals a softmax over the top-k logits). Computed in fp32 so that a
+    bf16 model routes like an fp32 one.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.top_k, self.renormalize = config.top_k, config.norm_topk_prob
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = torch.topk(self.probs(x), self.top_k, dim=-1)  # [N, A]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+
+class MoEBlock(nn.Module):
+    """y = sum_a w_a * expert_{id_a}(x) + shared(x) (times sigmoid(shared_gate(x)) for Qwen2-MoE)."""
+
+    def __init__(self, config: ModelConfig, experts: ExpertProvider | None = None):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = experts if experts is not None else ResidentExperts(config)
+        self.shared_experts = None
+        self.shared_expert_gate = None
+        if config.shared_intermediate_size:
+            self.shared_experts = MLP(config.hidden_size, config.shared_intermediate_size)
+        if config.shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, D]
+        weights, ids = self.gate(flat)
+        out = self.routed(flat, weights.to(x.dtype), ids)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
+        return out.view(shape)
+
+    def routed(self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Group tokens by expert: one call per active expert on all of its tokens."""
+        top_k = ids.shape[1]
+        flat_ids = ids.reshape(-1)  # [N*A]
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.gate.weight.shape[0]).tolist()
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        token_of = order // top_k  # [N*A] token row of each sorted assignment
+        weight_of = weights.reshape(-1)[order]
+        out = torch.zeros_like(flat)
+        active = [e for e, c in enumerate(counts) if c]
+        for e, expert in self.experts.experts_for(active):
+            rows = token_of[starts[e]:starts[e + 1]]
+            y = expert(flat[rows]) * weight_of[starts[e]:starts[e + 1], None]
+            out.index_add_(0, rows, y)
+        return out

@@ -1,0 +1,141 @@
+"""Checkpoint names -> the model's names, in one place, and loading weights into a model.
+
+The model keeps Hugging Face / DeepSeek names (`model.layers.{l}.mlp.experts.{e}.gate_proj`,
+`mlp.shared_experts`, `mlp.gate`). Each family's spellings are translated by one function
+below; experts stored fused as 3-D tensors are sliced per expert without reading the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointReader
+from ..config import ModelConfig
+from ..errors import CheckpointError
+
+# Tensors some writers include that carry no weights (recomputed rotary frequencies).
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+# transformers 5 in-memory layout some tools save: [E, 2I, D] gate then up, and [E, D, I].
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def _deepseek(name: str) -> str:
+    return name
+
+
+def _qwen2_moe(name: str) -> str:
+    return name.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+
+
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _mixtral(name: str) -> str:
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    return re.sub(r"(\.experts\.\d+\.)(w[123])\.", lambda m: m[1] + _MIXTRAL_PROJ[m[2]] + ".", name)
+
+
+RENAME: dict[str, Callable[[str], str]] = {
+    "deepseek": _deepseek, "qwen2_moe": _qwen2_moe, "qwen3_moe": _deepseek,
+    "mixtral": _mixtral, "olmoe": _deepseek,
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one model tensor comes from: a checkpoint tensor, or a slice of a fused one."""
+
+    name: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+
+
+class WeightMap:
+    """Model tensor name -> its source in a checkpoint; reads one tensor at a time.
+
+    >>> wm = WeightMap(CheckpointReader(path), config)
+    >>> wm.get("model.layers.1.mlp.experts.5.up_proj.weight")
+    """
+
+    def __init__(self, reader: CheckpointReader, config: ModelConfig):
+        self.reader, self.config = reader, config
+        rename = RENAME[config.model_type]
+        self.sources: dict[str, Source] = {}
+        for ckpt_name in reader.keys():
+            if _IGNORED.match(ckpt_name):
+                continue
+            fused = _FUSED.match(rename(ckpt_name))
+            if fused:
+                self._add_fused(ckpt_name, fused[1], fused[2])
+            else:
+                self.sources[rename(ckpt_name)] = Source(ckpt_name)
+
+    def _add_fused(self, ckpt_name: str, prefix: str, kind: str) -> None:
+        width = self.config.moe_intermediate_size
+        for e in range(self.reader.shape(ckpt_name)[0]):
+            if kind == "down_proj":
+                self.sources[f"{prefix}.{e}.down_proj.weight"] = Source(ckpt_name, e)
+            else:
+                self.sources[f"{prefix}.{e}.gate_proj.weight"] = Source(ckpt_name, e, (0, width))
+                self.sources[f"{prefix}.{e}.up_proj.weight"] = Source(ckpt_name, e, (width, 2 * width))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sources
+
+    def get(self, name: str) -> torch.Tensor:
+        src = self.sources.get(name)
+        if src is None:
+            raise CheckpointError(f"{self.reader.folder}: tensor {name!r} is missing from the "
+                                  f"checkpoint (model_type {self.config.model_type!r})")
+        if src.expert is None:
+            return self.reader.get(src.name)
+        part = self.reader.get_expert(src.name, src.expert)  # reads only expert e's slice
+        return part if src.rows is None else part[src.rows[0]:src.rows[1]]
+
+
+def expected_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's own tensors by name, tied weights listed once."""
+    seen, out = set(), {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
+def load_weights(model: nn.Module, weights: WeightMap, skip: Callable[[str], bool] = lambda n: False,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """Fill every parameter of `model` (possibly on the meta device) from `weights`.
+
+    Checks each shape against the config, and that the checkpoint has no tensors the model
+    does not understand (a sign of a config that does not match the weights).
+    """
+    params = expected_tensors(model)
+    for name, param in params.items():
+        if skip(name):
+            continue
+        tensor = weights.get(name)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{weights.reader.file_of(weights.sources[name].name)}: tensor {name!r} has shape "
+                f"{list(tensor.shape)}, but config.json implies {list(param.shape)}; the weights "
+                "and config.json do not belong together")
+        _assign(model, name, tensor.to(device=device, dtype=dtype))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    unknown = sorted(set(weights.sources) - set(params) - {"lm_head.weight"})
+    if unknown:
+        raise CheckpointError(f"{weights.reader.folder}: tensors the model does not use, e.g. "
+                              f"{unknown[0]!r} ({len(unknown)} in all); is config.json's "
+                              "model_type right for these weights?")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
