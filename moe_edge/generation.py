@@ -198,13 +198,13 @@ class TextStream:
                     break
                 safe = len(text) - _held_back(text, self.params.stop)
                 if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
+                    piece, emitted = text[emitted:safe], safe  # counted before the consumer sees it
+                    yield piece
             if reason != "stop":
                 text += detok.flush()
             if emitted < len(text):
-                yield text[emitted:]
-                emitted = len(text)
+                piece, emitted = text[emitted:], len(text)
+                yield piece
         except GeneratorExit:
             reason = "interrupted"
             text = text[:emitted]

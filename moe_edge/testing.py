@@ -93,11 +93,12 @@ def write_checkpoint(folder: str | Path, model_type: str = "deepseek", seed: int
 
 def _write_deepseek(folder: Path, seed: int, dtype, max_shard_bytes: int, config: dict) -> None:
     from .checkpoint import ShardedWriter
+    from .model.weights import expected_tensors
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     model = random_model(config, seed)
     with ShardedWriter(folder, max_shard_bytes=max_shard_bytes, overwrite=True) as w:
-        for name, p in model.state_dict().items():
-            w.add(name, p.to(dtype))
+        for name, p in expected_tensors(model).items():  # a tied lm_head is stored once
+            w.add(name, p.detach().to(dtype))
         w.write_json("config.json", config)
         w.write_json("generation_config.json", {"bos_token_id": 0, "eos_token_id": 1,
                                                 "do_sample": False, "max_new_tokens": 32})

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from moe_edge.api import load_model
+from moe_edge.testing import hf_model, write_checkpoint
+
+
+def test_cached_decode_equals_uncached(tiny_deepseek):
+    model = load_model(tiny_deepseek, device="cpu")
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch=2, capacity=16)
+        steps = [model(ids[:, :7], cache)] + [model(ids[:, t:t + 1], cache) for t in range(7, 16)]
+    assert torch.allclose(full, torch.cat(steps, 1), atol=1e-5)
+    assert cache.length == 16
+
+
+def test_chunked_prefill_equals_one_prefill(tiny_deepseek):
+    model = load_model(tiny_deepseek, device="cpu")
+    ids = torch.randint(0, 320, (1, 20))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(capacity=20)
+        chunks = [model(ids[:, a:b], cache) for a, b in [(0, 8), (8, 13), (13, 20)]]
+    assert torch.allclose(full, torch.cat(chunks, 1), atol=1e-5)
+
+
+def test_context_overflow_is_an_error(tiny_deepseek):
+    model = load_model(tiny_deepseek, device="cpu")
+    cache = model.new_cache(capacity=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="context full"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.1), ("float16", 0.02)])
+def test_half_precision_close_to_fp32(tiny_deepseek, dtype, tol):
+    ids = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        ref = load_model(tiny_deepseek, device="cpu", dtype="float32")(ids)
+        model = load_model(tiny_deepseek, device="cpu", dtype=dtype)
+        assert model.dtype == getattr(torch, dtype)
+        cache = model.new_cache(capacity=12)
+        got = torch.cat([model(ids[:, :6], cache)] + [model(ids[:, t:t + 1], cache) for t in range(6, 12)], 1)
+    rel = (got.float() - ref).norm() / ref.norm()
+    assert rel < tol
+
+
+def test_sliding_window_matches_transformers(tmp_path):
+    """Mixtral with a window shorter than the sequence: keys older than the window are masked."""
+    hf = hf_model("mixtral", seed=4, sliding_window=4)
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, 320, (1, 12))
+    model = load_model(tmp_path, device="cpu")
+    with torch.no_grad():
+        ref = hf(ids).logits
+        cache = model.new_cache(capacity=12)
+        got = torch.cat([model(ids[:, :5], cache)] + [model(ids[:, t:t + 1], cache) for t in range(5, 12)], 1)
+    assert (ref - got).abs().max() <= 1e-4
+    assert model.config.sliding_window == 4
+
+
+def test_tied_embeddings(tmp_path):
+    path = write_checkpoint(tmp_path / "tied", "deepseek", tokenizer=False, tie_word_embeddings=True)
+    model = load_model(path, device="cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
