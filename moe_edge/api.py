@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,8 @@ from .errors import ConfigError
 from .generation import GenerationResult, SamplingParams, TextStream, read_generation_config
 from .model import MoEForCausalLM
 from .model.weights import WeightMap, load_weights
+from .quant.format import read_quant_config
+from .quant.load import install_quantized, kernel_summary
 from .tokenizer import format_chat, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -46,15 +49,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto",
-               dtype: str | torch.dtype | None = None) -> MoEForCausalLM:
-    """The model alone (no tokenizer), every weight resident on `device`."""
+               dtype: str | torch.dtype | None = None, kernel: str = "auto") -> MoEForCausalLM:
+    """The model alone (no tokenizer), every weight resident on `device`.
+
+    GPTQ checkpoints get 4-bit layers; `kernel` is "auto" (int4 where the shape allows,
+    else dequantise-then-matmul, reported in `model.quant_kernels`), "int4" or "dequant".
+    """
     config = load_config(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     weights = WeightMap(CheckpointReader(path), config)
     with torch.device("meta"):
         model = MoEForCausalLM(config)
-    load_weights(model, weights, device=device, dtype=dtype)
+    quant = read_quant_config(path)
+    consumed = install_quantized(model, weights, quant, device, dtype, kernel) if quant else set()
+    load_weights(model, weights, consumed, device=device, dtype=dtype)
+    model.quant_config = quant
+    model.quant_kernels = kernel_summary(model)
+    if kernel == "auto" and model.quant_kernels.get("dequant"):
+        reasons = sorted({m.reason for m in model.modules() if getattr(m, "kernel", "") == "dequant"})
+        warnings.warn(f"{model.quant_kernels['dequant']} quantized layers use the slower "
+                      f"dequantize-then-matmul path ({'; '.join(reasons)})", stacklevel=2)
     return model.eval()
 
 

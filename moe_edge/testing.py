@@ -131,3 +131,66 @@ def hf_model(model_type: str, seed: int = 0, std: float = 0.1, **overrides):
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else std * torch.randn_like(p))
     return model.eval()
+
+
+def gptq_layer(w: torch.Tensor, group_size: int = 128, sym: bool = True, act_order: bool = False,
+               v2: bool = False, seed: int = 0, bias: torch.Tensor | None = None):
+    """GPTQ tensors for weight `w` [N, K] by round-to-nearest; with `act_order` the input
+    channels are quantised in a random order, giving the non-monotone g_idx of desc_act."""
+    from .quant.format import pack
+    from .quant.gptq import quantize_rtn
+    N, K = w.shape
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(seed)) if act_order else torch.arange(K)
+    q_p, zeros, scales, g_p = quantize_rtn(w[:, perm], group_size, sym)
+    if not v2:
+        zeros = zeros.clamp(min=1)  # v1 cannot store a zero point of 0
+        q_p, zeros, scales, g_p = _requantize(w[:, perm], zeros, scales, g_p)
+    q, g_idx = torch.empty_like(q_p), torch.empty_like(g_p)
+    q[:, perm], g_idx[perm] = q_p, g_p
+    return pack(q, zeros, scales, g_idx, v2=v2, bias=bias)
+
+
+def _requantize(w, zeros, scales, g_idx):
+    from .quant.gptq import quantize_columns
+    g = g_idx.long()
+    q = torch.stack([quantize_columns(w[:, k:k + 1], scales[g[k]], zeros[g[k]].float())[:, 0]
+                     for k in range(w.shape[1])], 1)
+    return q.to(torch.uint8), zeros, scales, g_idx
+
+
+def write_gptq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 128, sym: bool = True,
+                          act_order: bool = False, v2: bool = False, dtype=torch.float16) -> Path:
+    """A GPTQ copy of checkpoint `src` (round-to-nearest): every Linear but routers and
+    lm_head quantised, standard tensor names and quantization_config."""
+    import json
+    import shutil
+    from .api import load_model
+    from .checkpoint import ShardedWriter
+    from .model.weights import expected_tensors
+    src, dst = Path(src), Path(dst)
+    model = load_model(src, device="cpu", dtype="float32")
+    config = json.loads((src / "config.json").read_text())
+    qcfg = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order,
+            "sym": sym, "checkpoint_format": "gptq_v2" if v2 else "gptq", "true_sequential": True,
+            "damp_percent": 0.01, "static_groups": False, "lm_head": False}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n != "lm_head" and not n.endswith("mlp.gate")}
+    with ShardedWriter(dst, overwrite=True) as w:
+        for i, (name, p) in enumerate(expected_tensors(model).items()):
+            prefix = name.rsplit(".", 1)[0]
+            if prefix not in linears:
+                w.add(name, p.detach().to(dtype))
+            elif name.endswith(".weight"):
+                bias = model.get_submodule(prefix).bias
+                t = gptq_layer(p.detach(), group_size, sym, act_order, v2, seed=i, bias=bias)
+                for part in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+                    if getattr(t, part) is not None:
+                        w.add(f"{prefix}.{part}", getattr(t, part))
+        w.write_json("config.json", {**config, "quantization_config": qcfg,
+                                     "torch_dtype": str(dtype).removeprefix("torch.")})
+        w.write_json("quantize_config.json", qcfg)
+        for f in src.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+                w.copy_file(f)
+        w.commit()
+    return dst

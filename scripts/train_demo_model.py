@@ -98,11 +98,16 @@ def evaluate(model: MoEForCausalLM, stream: torch.Tensor, seq_len: int, batch: i
     return total / (n * seq_len)
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% over `progress` in [0, 1]."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def progress_of(step: int, steps: int, elapsed: float, minutes: float) -> float:
+    """Whichever budget runs out first, steps or wall-clock time (the machine is shared)."""
+    return max(step / steps, elapsed / (minutes * 60) if minutes else 0.0)
 
 
 def train(args) -> dict:
@@ -128,8 +133,12 @@ def train(args) -> dict:
         starts = torch.randint(0, len(train_ids) - args.seq_len - 1, (args.batch,), generator=gen)
         x = torch.stack([train_ids[s:s + args.seq_len] for s in starts])
         y = torch.stack([train_ids[s + 1:s + args.seq_len + 1] for s in starts])
+        progress = progress_of(step, steps, time.time() - t0, args.minutes)
+        if progress >= 1:
+            print(json.dumps({"stopped": "budget", "step": step}), flush=True)
+            break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, progress, args.lr, args.warmup)
         ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss = ce + args.balance * balance.pop()
         opt.zero_grad(set_to_none=True)
@@ -141,11 +150,8 @@ def train(args) -> dict:
         elapsed = time.time() - t0
         if step % args.log_every == 0 or step == steps:
             print(json.dumps({"step": step, "loss": round(sum(losses[-args.log_every:]) / len(losses[-args.log_every:]), 4),
-                              "lr": round(lr_at(step, steps, args.lr, args.warmup), 6),
+                              "lr": round(opt.param_groups[0]["lr"], 6),
                               "elapsed_s": round(elapsed, 1)}), flush=True)
-        if args.minutes and elapsed > args.minutes * 60:
-            print(json.dumps({"stopped": "time budget", "step": step}), flush=True)
-            break
     return dict(model=model, tokenizer=tokenizer, valid_ids=valid_ids, untrained=untrained,
                 steps=step, losses=losses, seconds=time.time() - t0, train_tokens=len(train_ids))
 

@@ -108,16 +108,17 @@ def expected_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def load_weights(model: nn.Module, weights: WeightMap, skip: Callable[[str], bool] = lambda n: False,
+def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = frozenset(),
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """Fill every parameter of `model` (possibly on the meta device) from `weights`.
 
     Checks each shape against the config, and that the checkpoint has no tensors the model
-    does not understand (a sign of a config that does not match the weights).
+    does not understand (a sign of a config that does not match the weights). `consumed`
+    names tensors another loader (the GPTQ one) already placed.
     """
     params = expected_tensors(model)
     for name, param in params.items():
-        if skip(name):
+        if name in consumed:
             continue
         tensor = weights.get(name)
         if tuple(tensor.shape) != tuple(param.shape):
@@ -128,7 +129,7 @@ def load_weights(model: nn.Module, weights: WeightMap, skip: Callable[[str], boo
         _assign(model, name, tensor.to(device=device, dtype=dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    unknown = sorted(set(weights.sources) - set(params) - {"lm_head.weight"})
+    unknown = sorted(set(weights.sources) - set(params) - set(consumed) - {"lm_head.weight"})
     if unknown:
         raise CheckpointError(f"{weights.reader.folder}: tensors the model does not use, e.g. "
                               f"{unknown[0]!r} ({len(unknown)} in all); is config.json's "

@@ -1,0 +1,150 @@
+"""A 4-bit Linear that converts GPTQ tensors once, at load, into the layout its kernel runs.
+
+Kernels (PyTorch's own "tinygemm" int4 kernels; convention `w = (q - 8) * scale + zero`
+with a float zero, scales and zeros interleaved [K/g, N, 2]):
+
+- ``int4-cpu``:  `_weight_int4pack_mm_for_cpu` (fp32/fp16/bf16 activations)
+- ``int4-cuda``: `_weight_int4pack_mm` (bf16 activations)
+- ``dequant``:   dequantise-then-matmul, for shapes the kernels refuse; chosen explicitly
+  and reported (`QuantLinear.kernel`, `QuantLinear.reason`), never silently.
+
+GPTQ's `s * (q - z)` equals tinygemm's `(q - 8) * s + s * (8 - z)`. Act-order is handled by
+sorting the input channels by group once at load, and permuting activations at run time.
+"""
+# N=out features, K=in features, M=rows of activations
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .format import GPTQTensors, unpack
+
+KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes tinygemm accepts
+KERNELS = ("auto", "int4", "dequant")
+
+
+def plan_kernel(t: GPTQTensors, device: torch.device, kernel: str = "auto") -> tuple[str, str, int]:
+    """(kernel name, reason, kernel group size) for one Linear on `device`."""
+    N, K = t.out_features, t.in_features
+    name = "int4-cuda" if device.type == "cuda" else "int4-cpu"
+    if kernel == "dequant":
+        return "dequant", "asked for", 0
+    sorted_groups = torch.sort(t.g_idx.to(torch.int64), stable=True).values
+    group = _kernel_group(sorted_groups)
+    reasons = []
+    if N % (16 if device.type == "cpu" else 8):
+        reasons.append(f"out features {N} not divisible by {16 if device.type == 'cpu' else 8}")
+    if group == 0:
+        reasons.append("groups are not multiples of 32 input channels")
+    if device.type == "cuda" and K % 32:
+        reasons.append(f"in features {K} not divisible by 32")
+    if device.type not in ("cpu", "cuda"):
+        reasons.append(f"no int4 kernel for device {device.type}")
+    if reasons:
+        if kernel == "int4":
+            raise ValueError(f"the {name} kernel cannot run this {K}->{N} layer: {'; '.join(reasons)}")
+        return "dequant", "; ".join(reasons), 0
+    return name, "", group
+
+
+def _kernel_group(sorted_groups: torch.Tensor) -> int:
+    """Largest tinygemm group size that tiles every run of equal GPTQ group ids."""
+    _, counts = torch.unique_consecutive(sorted_groups, return_counts=True)
+    for g in KERNEL_GROUPS:
+        if bool((counts % g == 0).all()):
+            return g
+    return 0
+
+
+def _inner_k_tiles(K: int) -> int:
+    return next(t for t in (8, 4, 2) if K % (t * 16) == 0)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W stored in 4 bits.
+
+    >>> layer = QuantLinear.from_gptq(tensors, v2=False, device=torch.device("cpu"))
+    >>> layer.kernel, layer.reason
+    ('int4-cpu', '')
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel: str, reason: str = ""):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel, self.reason, self.group = kernel, reason, 0
+        self.register_buffer("perm", None)
+        self.register_buffer("bias", None)
+
+    @classmethod
+    def from_gptq(cls, t: GPTQTensors, v2: bool, device: torch.device,
+                  dtype: torch.dtype = torch.float32, kernel: str = "auto") -> "QuantLinear":
+        name, reason, group = plan_kernel(t, device, kernel)
+        layer = cls(t.in_features, t.out_features, name, reason)
+        if name == "dequant":
+            layer._init_dequant(t, v2, device, dtype)
+        else:
+            layer._init_int4(t, v2, device, dtype, group)
+        if t.bias is not None:
+            layer.register_buffer("bias", t.bias.to(device=device, dtype=layer.act_dtype))
+        return layer
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self.scale_zeros.dtype if self.kernel != "dequant" else self.scales.dtype
+
+    def _init_int4(self, t: GPTQTensors, v2: bool, device, dtype, group: int) -> None:
+        q, zeros, scales, g_idx = unpack(t, v2)  # [N, K], [G, N], [G, N], [K]
+        perm = torch.argsort(g_idx, stable=True)
+        if not torch.equal(perm, torch.arange(len(perm))):
+            self.register_buffer("perm", perm.to(device))
+            q, g_idx = q[:, perm], g_idx[perm]
+        first = g_idx[::group]  # GPTQ group of each kernel group, [K/g]
+        s = scales.float()[first]  # [K/g, N]
+        zero = s * (8 - zeros.float()[first])
+        if device.type == "cuda":
+            dtype = torch.bfloat16  # tinygemm on CUDA takes bf16 only
+            packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
+            packed = torch.ops.aten._convert_weight_to_int4pack(packed, _inner_k_tiles(t.in_features))
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        self.group = group
+        self.register_buffer("packed", packed.to(device))
+        self.register_buffer("scale_zeros", torch.stack([s, zero], -1).to(device=device, dtype=dtype).contiguous())
+
+    def _init_dequant(self, t: GPTQTensors, v2: bool, device, dtype) -> None:
+        q, zeros, scales, g_idx = unpack(t, v2)
+        self.register_buffer("qweight", t.qweight.to(device))  # stays 4-bit in memory
+        self.register_buffer("zeros", zeros.to(torch.uint8).to(device))
+        self.register_buffer("scales", scales.to(device=device, dtype=dtype))
+        self.register_buffer("g_idx", g_idx.to(device))
+
+    def weight_dequantized(self) -> torch.Tensor:
+        """W [N, K] in the activation dtype (the dequant path; also handy for tests)."""
+        from .format import unpack_along_rows
+        q = unpack_along_rows(self.qweight).T.to(self.scales.dtype)  # [N, K]
+        zeros = self.zeros.T[:, self.g_idx].to(self.scales.dtype)
+        return (q - zeros) * self.scales.T[:, self.g_idx]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)  # [M, K]
+        if self.kernel == "dequant":
+            y = F.linear(x2, self.weight_dequantized())
+        else:
+            if self.perm is not None:
+                x2 = x2.index_select(1, self.perm)
+            mm = (torch.ops.aten._weight_int4pack_mm if self.kernel == "int4-cuda"
+                  else torch.ops.aten._weight_int4pack_mm_for_cpu)
+            y = mm(x2.contiguous(), self.packed, self.group, self.scale_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        extra = f", reason={self.reason!r}" if self.reason else ""
+        return f"{self.in_features}->{self.out_features}, kernel={self.kernel}, group={self.group}{extra}"

@@ -1,0 +1,143 @@
+"""Each kernel path against dequantise-then-matmul, and GPTQ checkpoints loaded end to end."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moe_edge.api import load, load_model
+from moe_edge.errors import CheckpointError
+from moe_edge.quant.format import dequantize
+from moe_edge.quant.qlinear import QuantLinear
+from moe_edge.testing import gptq_layer, write_gptq_checkpoint
+
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("N, K, group, act_order", [
+    (1408, 2048, 128, False), (2048, 1408, 128, True),  # DeepSeek's expert shapes
+    (96, 320, 32, True), (48, 192, 64, False), (64, 256, -1, False), (64, 64, 128, False),
+])
+@pytest.mark.parametrize("v2", [False, True])
+def test_int4_cpu_matches_dequant_matmul(N, K, group, act_order, v2):
+    t = gptq_layer(torch.randn(N, K) * 0.05, group, act_order=act_order, v2=v2)
+    layer = QuantLinear.from_gptq(t, v2, CPU, torch.float32)
+    assert layer.kernel == "int4-cpu", layer.reason
+    x = torch.randn(3, 5, K)
+    ref = F.linear(x, dequantize(t, v2))
+    assert rel_err(layer(x), ref) < 1e-5
+    layer16 = QuantLinear.from_gptq(t, v2, CPU, torch.bfloat16)
+    assert rel_err(layer16(x.bfloat16()), ref) < 1e-2
+
+
+@pytest.mark.parametrize("N, K, group", [(40, 64, 32), (48, 96, 24), (32, 48, 8)])
+def test_refused_shapes_fall_back_explicitly(N, K, group):
+    t = gptq_layer(torch.randn(N, K), group, act_order=True)
+    layer = QuantLinear.from_gptq(t, False, CPU)
+    assert layer.kernel == "dequant" and layer.reason
+    x = torch.randn(4, K)
+    assert rel_err(layer(x), F.linear(x, dequantize(t))) < 1e-5
+    with pytest.raises(ValueError, match="cannot run"):
+        QuantLinear.from_gptq(t, False, CPU, kernel="int4")
+
+
+def test_bias_is_added():
+    bias = torch.randn(32)
+    t = gptq_layer(torch.randn(32, 64), 32, bias=bias)
+    x = torch.randn(2, 64)
+    ref = F.linear(x, dequantize(t), t.bias.float())
+    for kernel in ("auto", "dequant"):
+        assert rel_err(QuantLinear.from_gptq(t, False, CPU, kernel=kernel)(x), ref) < 1e-5
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("N, K, act_order", [(1408, 2048, False), (2048, 1408, True)])
+def test_int4_cuda_matches_dequant_matmul(N, K, act_order):
+    gpu = torch.device("cuda")
+    t = gptq_layer(torch.randn(N, K) * 0.05, 128, act_order=act_order)
+    layer = QuantLinear.from_gptq(t, False, gpu, torch.bfloat16)
+    assert layer.kernel == "int4-cuda"
+    x = torch.randn(7, K, device=gpu, dtype=torch.bfloat16)
+    ref = F.linear(x.float(), dequantize(t).to(gpu))
+    assert rel_err(layer(x), ref) < 1e-2
+
+
+@pytest.fixture(scope="module")
+def gptq_ckpt(tmp_path_factory):
+    from moe_edge.testing import write_checkpoint
+    root = tmp_path_factory.mktemp("gptq")
+    src = write_checkpoint(root / "fp", "deepseek", hidden_size=128, intermediate_size=256,
+                           moe_intermediate_size=64)
+    return src, write_gptq_checkpoint(src, root / "q", group_size=64, act_order=True)
+
+
+def test_quantized_checkpoint_loads_with_int4_layers(gptq_ckpt):
+    src, dst = gptq_ckpt
+    model = load_model(dst, device="cpu")
+    assert model.quant_config.group_size == 64 and model.quant_kernels == {"int4-cpu": 3 * 4 + 2 * (8 + 1) * 3 + 3}
+    assert not isinstance(model.model.layers[1].mlp.gate, QuantLinear)
+    assert not isinstance(model.lm_head, QuantLinear)
+    ids = torch.randint(2, 320, (1, 16))
+    with torch.no_grad():
+        fast = model(ids)
+        slow = load_model(dst, device="cpu", kernel="dequant")(ids)
+        full = load_model(src, device="cpu")(ids)
+    assert rel_err(fast, slow) < 1e-4  # int4 kernel == dequantise-then-matmul, whole model
+    assert rel_err(fast, full) > 1e-3  # the weights really are quantised
+
+
+@pytest.mark.parametrize("N, K", [(1408, 2048), (2048, 1408)])
+def test_memory_is_about_a_quarter_of_bf16(N, K):
+    """DeepSeek's expert shapes, group 128, act-order: packed weights + fp32 scales/zeros + perm."""
+    layer = QuantLinear.from_gptq(gptq_layer(torch.randn(N, K), 128, act_order=True), False, CPU)
+    assert layer.nbytes() / (2 * N * K) < 0.29
+
+
+def test_quantized_generation_runs(gptq_ckpt):
+    lm = load(gptq_ckpt[1], device="cpu")
+    assert lm.generate("hi", temperature=0, max_new_tokens=8).generated_tokens > 0
+
+
+def edit_tensors(folder, edit):
+    file = folder / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(file))
+
+
+def test_missing_scales_named(gptq_ckpt, tmp_path):
+    dst = shutil.copytree(gptq_ckpt[1], tmp_path / "q")
+    edit_tensors(dst, lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.scales"))
+    with pytest.raises(CheckpointError, match="experts.2.up_proj.scales' is missing"):
+        load_model(dst, device="cpu")
+
+
+def test_quantized_router_refused(gptq_ckpt, tmp_path):
+    dst = shutil.copytree(gptq_ckpt[1], tmp_path / "q")
+
+    def edit(t):
+        t["model.layers.1.mlp.gate.qweight"] = torch.zeros(16, 8, dtype=torch.int32)
+    edit_tensors(dst, edit)
+    with pytest.raises(CheckpointError, match="mlp.gate.qweight is quantized but .* is a router"):
+        load_model(dst, device="cpu")
+
+
+def test_config_bits_mismatch_named(gptq_ckpt, tmp_path):
+    dst = shutil.copytree(gptq_ckpt[1], tmp_path / "q")
+
+    def edit(t):
+        t["model.layers.0.self_attn.q_proj.qweight"] = torch.zeros(32, 128, dtype=torch.int32)
+    edit_tensors(dst, edit)
+    with pytest.raises(CheckpointError, match="q_proj.qweight .* 8-bit values"):
+        load_model(dst, device="cpu")
