@@ -30,13 +30,14 @@ def rel_err(a, b):
 @pytest.mark.parametrize("v2", [False, True])
 def test_int4_cpu_matches_dequant_matmul(N, K, group, act_order, v2):
     t = gptq_layer(torch.randn(N, K) * 0.05, group, act_order=act_order, v2=v2)
-    layer = QuantLinear.from_gptq(t, v2, CPU, torch.float32)
-    assert layer.kernel == "int4-cpu", layer.reason
     x = torch.randn(3, 5, K)
     ref = F.linear(x, dequantize(t, v2))
-    assert rel_err(layer(x), ref) < 1e-5
-    layer16 = QuantLinear.from_gptq(t, v2, CPU, torch.bfloat16)
-    assert rel_err(layer16(x.bfloat16()), ref) < 1e-2
+    exact = QuantLinear.from_gptq(t, v2, CPU, torch.float32, compute_dtype=torch.float32)
+    assert exact.kernel == "int4-cpu", exact.reason
+    assert rel_err(exact(x), ref) < 1e-5
+    fast = QuantLinear.from_gptq(t, v2, CPU, torch.float32)  # default: bf16 inside the kernel
+    assert fast(x).dtype == torch.float32 and rel_err(fast(x), ref) < 1e-2
+    assert rel_err(fast(x.bfloat16()), ref) < 1e-2
 
 
 @pytest.mark.parametrize("N, K, group", [(40, 64, 32), (48, 96, 24), (32, 48, 8)])
@@ -55,8 +56,9 @@ def test_bias_is_added():
     t = gptq_layer(torch.randn(32, 64), 32, bias=bias)
     x = torch.randn(2, 64)
     ref = F.linear(x, dequantize(t), t.bias.float())
-    for kernel in ("auto", "dequant"):
-        assert rel_err(QuantLinear.from_gptq(t, False, CPU, kernel=kernel)(x), ref) < 1e-5
+    assert rel_err(QuantLinear.from_gptq(t, False, CPU, kernel="dequant")(x), ref) < 1e-5
+    assert rel_err(QuantLinear.from_gptq(t, False, CPU, compute_dtype=torch.float32)(x), ref) < 1e-5
+    assert rel_err(QuantLinear.from_gptq(t, False, CPU)(x), ref) < 1e-2
 
 
 @pytest.mark.cuda
@@ -92,7 +94,7 @@ def test_quantized_checkpoint_loads_with_int4_layers(gptq_ckpt):
         fast = model(ids)
         slow = load_model(dst, device="cpu", kernel="dequant")(ids)
         full = load_model(src, device="cpu")(ids)
-    assert rel_err(fast, slow) < 1e-4  # int4 kernel == dequantise-then-matmul, whole model
+    assert rel_err(fast, slow) < 5e-2  # int4 kernel (bf16 inside) ~ dequantise-then-matmul (fp32)
     assert rel_err(fast, full) > 1e-3  # the weights really are quantised
 
 
