@@ -21,6 +21,7 @@ from .errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MANIFEST = "writer_manifest.json"  # only in a resumable writer's work folder
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -96,6 +97,11 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.file_of(name)).get_slice(name).get_shape())
 
+    def itemsize(self, name: str) -> int:
+        """Bytes per element as stored (without reading the tensor)."""
+        dtype = self._open(self.file_of(name)).get_slice(name).get_dtype()
+        return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
+
     def get(self, name: str) -> torch.Tensor:
         return self._read(name, None)
 
@@ -133,16 +139,28 @@ class ShardedWriter:
     ...     w.add("model.embed_tokens.weight", emb)
     ...     w.write_json("config.json", cfg)
     ...     w.commit()
+
+    With `resumable=True` the work folder has a fixed name (`.OUT.partial` beside OUT) and
+    survives a failure; `checkpoint(state)` records finished shards plus caller state, and a
+    new writer on the same OUT picks them up (`resumed_state`).
     """
 
-    def __init__(self, out: str | Path, max_shard_bytes: int = 4 * 2**30, overwrite: bool = False):
+    def __init__(self, out: str | Path, max_shard_bytes: int = 4 * 2**30, overwrite: bool = False,
+                 resumable: bool = False):
         self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise CheckpointError(f"{self.out}: is a file, not a folder; choose another output path")
         if self.out.exists() and not overwrite:
             raise CheckpointError(f"{self.out}: already exists; choose another output folder "
                                   "or pass overwrite")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self._mode = 0o777 & ~_umask()
+        self.resumable = resumable
+        if resumable:
+            self.tmp = self.out.with_name(f".{self.out.name}.partial")
+            self.tmp.mkdir(exist_ok=True)
+        else:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         os.chmod(self.tmp, self._mode)  # mkdtemp makes it private; the output is a normal folder
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
@@ -151,13 +169,41 @@ class ShardedWriter:
         self._names: set[str] = set()
         self._total_bytes = 0
         self.committed = False
+        self.resumed_state = self._load_manifest() if resumable else None
 
     def __enter__(self) -> "ShardedWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self.committed:
+        if not self.committed and not self.resumable:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Delete the work folder (a resumable writer keeps it otherwise)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _load_manifest(self) -> dict | None:
+        manifest = self.tmp / MANIFEST
+        if not manifest.exists():
+            return None
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        self._shards = data["shards"]
+        self._names = {n for names in self._shards for n in names}
+        self._total_bytes = data["total_bytes"]
+        for i in range(len(self._shards)):
+            if not (self.tmp / f"shard-{i}.tmp").exists():
+                raise CheckpointError(f"{self.tmp}: shard-{i}.tmp is missing; the partial run "
+                                      "cannot be resumed - start again without resume")
+        return data["state"]
+
+    def checkpoint(self, state: dict) -> None:
+        """Flush what is pending and record it with `state`, atomically."""
+        if self._pending:
+            self._flush()
+        data = {"shards": self._shards, "total_bytes": self._total_bytes, "state": state}
+        tmp = self.tmp / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, self.tmp / MANIFEST)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
@@ -197,6 +243,7 @@ class ShardedWriter:
             os.replace(self.tmp / f"shard-{i}.tmp", self.tmp / shard_name(i, n))
             os.chmod(self.tmp / shard_name(i, n), self._mode & 0o666)
             weight_map.update({name: shard_name(i, n) for name in names})
+        (self.tmp / MANIFEST).unlink(missing_ok=True)
         if n > 1:
             self.write_json(INDEX_FILE, {"metadata": {"total_size": self._total_bytes},
                                          "weight_map": weight_map})

@@ -18,11 +18,16 @@ def load_tokenizer(folder: str | Path):
         raise CheckpointError(f"{folder}: no tokenizer files (tokenizer.json or tokenizer.model); "
                               "copy them from the original model folder")
     from transformers import AutoTokenizer
+    from transformers.utils import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # it warns about model types it has no class for (deepseek)
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                              trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder}: the tokenizer cannot be loaded ({e})") from None
+    finally:
+        logging.set_verbosity(level)
 
 
 def format_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:

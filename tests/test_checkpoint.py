@@ -80,3 +80,30 @@ def test_missing_shard_named(tmp_path):
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors.*missing"):
         CheckpointReader(tmp_path)
+
+
+def test_resumable_writer_continues_after_failure(tmp_path):
+    data = tensors(4)
+    with pytest.raises(RuntimeError):
+        with ShardedWriter(tmp_path / "out", resumable=True) as w:
+            w.add("t0", data["t0"])
+            w.checkpoint({"layer": 0})
+            w.add("t1", data["t1"])  # not checkpointed: lost
+            raise RuntimeError("killed")
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir()
+    with ShardedWriter(tmp_path / "out", resumable=True) as w:
+        assert w.resumed_state == {"layer": 0}
+        for name in ("t1", "t2", "t3"):
+            w.add(name, data[name])
+        w.commit()
+    reader = CheckpointReader(tmp_path / "out")
+    assert sorted(reader.keys()) == ["t0", "t1", "t2", "t3"]
+    assert all(torch.equal(reader.get(n), data[n]) for n in data)
+    assert not (tmp_path / ".out.partial").exists()
+    assert not (tmp_path / "out" / "writer_manifest.json").exists()
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        ShardedWriter(tmp_path / "f", overwrite=True)

@@ -109,15 +109,18 @@ def expected_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = frozenset(),
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 prefix: str = "") -> None:
     """Fill every parameter of `model` (possibly on the meta device) from `weights`.
 
     Checks each shape against the config, and that the checkpoint has no tensors the model
     does not understand (a sign of a config that does not match the weights). `consumed`
-    names tensors another loader (the GPTQ one) already placed.
+    names tensors another loader (the GPTQ one) already placed. With `prefix` (e.g.
+    "model.layers.3."), `model` is that part of the whole model: one layer, read alone.
     """
     params = expected_tensors(model)
-    for name, param in params.items():
+    for local, param in params.items():
+        name = prefix + local
         if name in consumed:
             continue
         tensor = weights.get(name)
@@ -126,9 +129,11 @@ def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = froz
                 f"{weights.reader.file_of(weights.sources[name].name)}: tensor {name!r} has shape "
                 f"{list(tensor.shape)}, but config.json implies {list(param.shape)}; the weights "
                 "and config.json do not belong together")
-        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        _assign(model, local, tensor.to(device=device, dtype=dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    if prefix:
+        return
     unknown = sorted(set(weights.sources) - set(params) - set(consumed) - {"lm_head.weight"})
     if unknown:
         raise CheckpointError(f"{weights.reader.folder}: tensors the model does not use, e.g. "
