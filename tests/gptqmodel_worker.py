@@ -1,10 +1,12 @@
 """Run in a subprocess by test_interop_gptqmodel.py: GPTQModel patches transformers' MoE
 classes process-wide (defuser), so each model gets a fresh interpreter.
 
-    python gptqmodel_worker.py FP_DIR OUT_DIR DESC_ACT(0|1)
+    python gptqmodel_worker.py quantize FP_DIR OUT_DIR DESC_ACT(0|1)
+    python gptqmodel_worker.py load OUT_DIR
 
-Quantizes FP_DIR with GPTQModel on the CPU into OUT_DIR, reloads it with GPTQModel's torch
-backend, and writes the reference logits for the test prompt to OUT_DIR/../reference.safetensors.
+`quantize` quantizes FP_DIR with GPTQModel on the CPU into OUT_DIR; both then load OUT_DIR
+with GPTQModel's torch backend (through transformers) and write the logits for the test
+prompt to OUT_DIR/../reference.safetensors.
 """
 
 import os
@@ -25,16 +27,20 @@ CALIBRATION = [
 PROMPT = "Hello world, the quick fox"
 
 
-def main() -> None:
-    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+def quantize(fp: Path, out: Path, desc_act: bool) -> None:
+    from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
-    fp, out, desc_act = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
     tok = AutoTokenizer.from_pretrained(str(fp))
     model = GPTQModel.load(str(fp), QuantizeConfig(bits=4, group_size=32, desc_act=desc_act, sym=True),
                            device="cpu")
     model.quantize(CALIBRATION, batch_size=1, tokenizer=tok)
     model.save(str(out))
-    del model
+
+
+def reference_logits(out: Path) -> None:
+    from gptqmodel import BACKEND, GPTQModel
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(out))
     reference = GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH)
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
     with torch.no_grad():
@@ -43,4 +49,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "quantize":
+        quantize(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "1")
+        reference_logits(Path(sys.argv[3]))
+    else:
+        reference_logits(Path(sys.argv[2]))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from moe_edge.api import load_model
 from moe_edge.testing import byte_tokenizer, hf_model
@@ -33,10 +33,41 @@ def test_gptqmodel_checkpoint_matches_gptqmodel_inference(tmp_path, model_type, 
     fp, out = tmp_path / "fp", tmp_path / "gptq"
     hf_model(model_type, seed=5, std=0.05, **SHAPES[model_type]).save_pretrained(fp)
     byte_tokenizer().save_pretrained(fp)
-    run = subprocess.run([sys.executable, str(WORKER), str(fp), str(out), str(int(desc_act))],
+    worker("quantize", fp, out, int(desc_act))
+    compare(out, tmp_path / "reference.safetensors", f"{model_type} desc_act={desc_act}", desc_act)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])
+def test_moe_edge_checkpoint_loads_in_gptqmodel(tmp_path, model_type):
+    """What moe-edge writes, GPTQModel (through transformers) loads with the same logits.
+
+    moe-edge keeps the source checkpoint's tensor names. GPTQModel 7.7 on transformers 5
+    expects Mixtral experts as mlp.experts.{e}.gate_proj (what it writes itself), not the hub's
+    block_sparse_moe.experts.{e}.w1 (what hub GPTQ checkpoints and vLLM use), so the Mixtral
+    source here is written in that spelling."""
+    from moe_edge.quant.quantizer import QuantizeOptions, quantize
+    fp, out = tmp_path / "fp", tmp_path / "gptq"
+    hf_model(model_type, seed=6, std=0.05, **SHAPES[model_type]).save_pretrained(fp)
+    byte_tokenizer().save_pretrained(fp)
+    if model_type == "mixtral":
+        tensors = load_file(str(fp / "model.safetensors"))
+        save_file({k.replace("block_sparse_moe", "mlp").replace(".w1.", ".gate_proj.")
+                   .replace(".w3.", ".up_proj.").replace(".w2.", ".down_proj."): v
+                   for k, v in tensors.items()}, str(fp / "model.safetensors"), metadata={"format": "pt"})
+    quantize(fp, out, QuantizeOptions(group_size=32, calib_samples=8, calib_seq_len=64))
+    worker("load", out)
+    compare(out, tmp_path / "reference.safetensors", f"moe-edge {model_type}", True)
+
+
+def worker(*args) -> None:
+    run = subprocess.run([sys.executable, str(WORKER), *map(str, args)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    reference = load_file(str(tmp_path / "reference.safetensors"))
+
+
+def compare(out: Path, reference_file: Path, what: str, desc_act: bool) -> None:
+    reference = load_file(str(reference_file))
     ours = load_model(out, device="cpu", dtype="float32")
     assert ours.quant_kernels.get("int4-cpu", 0) > 0 and ours.quant_config.desc_act == desc_act
     with torch.no_grad():
@@ -44,8 +75,8 @@ def test_gptqmodel_checkpoint_matches_gptqmodel_inference(tmp_path, model_type, 
     ref = reference["logits"]
     rel = ((got - ref).norm() / ref.norm()).item()
     # GPTQModel runs the whole model in bf16; we run fp32 activations, bf16 inside the int4 kernel
-    print(f"{model_type} desc_act={desc_act}: relative logit error {rel:.4f}")
+    print(f"{what}: relative logit error {rel:.4f}")
     assert rel < 2e-2, rel
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"{model_type} desc_act={desc_act}: top-1 agreement {agree:.2f}")
+    print(f"{what}: top-1 agreement {agree:.2f}")
     assert agree >= 0.85, agree  # random tiny models have near-ties; bf16 noise flips a few

@@ -32,12 +32,12 @@ def _qwen2_moe(name: str) -> str:
     return name.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
 
 
-_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def _mixtral(name: str) -> str:
     name = name.replace(".block_sparse_moe.", ".mlp.")
-    return re.sub(r"(\.experts\.\d+\.)(w[123])\.", lambda m: m[1] + _MIXTRAL_PROJ[m[2]] + ".", name)
+    return re.sub(r"(\.experts\.\d+\.)(w[123])\.", lambda m: m[1] + MIXTRAL_PROJ[m[2]] + ".", name)
 
 
 RENAME: dict[str, Callable[[str], str]] = {

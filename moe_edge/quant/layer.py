@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..model.decoder import DecoderLayer
 from ..model.layers import rotary_cos_sin
 from ..model.moe import MoEBlock
+from ..model.weights import MIXTRAL_PROJ
 from .gptq import GPTQResult, Hessian, gptq_quantize, output_error, rtn_result
 
 # true-sequential order: each group is solved after the ones before it are quantised
@@ -66,6 +67,7 @@ class LinearResult:
 
 def _stage_of(name: str) -> int:
     leaf = name.rsplit(".", 1)[-1]
+    leaf = MIXTRAL_PROJ.get(leaf, leaf)  # a checkpoint's own spelling may be Mixtral's
     return next(i for i, stage in enumerate(STAGES) if leaf in stage)
 
 

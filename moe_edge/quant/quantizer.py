@@ -139,6 +139,7 @@ class _Run:
         self.device = torch.device(options.device)
         self.cos, self.sin = (t.to(self.device) for t in layer_rotary(config, ids.shape[1]))
         self.t0 = time.perf_counter()
+        self.block_modules: set[str] = set()  # quantised Linears, named relative to a layer
         state = writer.resumed_state
         if state is None:
             self.report = {"options": asdict(options), "calibration_tokens": ids.numel(),
@@ -150,6 +151,7 @@ class _Run:
                 raise MoeEdgeError(f"{writer.out}: the interrupted run used other options; rerun "
                                    "with the same options, or without --resume")
             self.report, self.next_layer = state["report"], state["next_layer"]
+            self.block_modules = set(state["block_modules"])
             self.hidden = load_file(str(writer.tmp / state["hidden"]))["hidden"]
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -193,6 +195,7 @@ class _Run:
             t = pack(res.result.q, res.result.zeros, res.result.scales, res.result.g_idx, v2=False,
                      bias=None if bias is None else bias.detach().cpu())
             out = self._ckpt_prefix(prefix + name)
+            self.block_modules.add(out.removeprefix(prefix))
             for part in ("qweight", "qzeros", "scales", "g_idx", "bias"):
                 if getattr(t, part) is not None:
                     self.writer.add(f"{out}.{part}", getattr(t, part))
@@ -209,7 +212,8 @@ class _Run:
         save_file({"hidden": self.hidden.contiguous()}, str(self.writer.tmp / hidden_file))
         self.report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         self.writer.checkpoint({"options": asdict(self.opts), "next_layer": next_layer,
-                                "hidden": hidden_file, "report": self.report})
+                                "hidden": hidden_file, "report": self.report,
+                                "block_modules": sorted(self.block_modules)})
         for old in self.writer.tmp.glob("hidden-*.safetensors"):
             if old.name != hidden_file:
                 old.unlink()
@@ -219,6 +223,9 @@ class _Run:
             f.unlink()
         raw = json.loads((model / "config.json").read_text(encoding="utf-8"))
         qcfg = self.opts.quantization_config()
+        # transformers/optimum quantise only the Linears listed here (else also the 1-output
+        # shared_expert_gate of Qwen2-MoE, which fails); grouped in true-sequential order
+        qcfg["modules_in_block_to_quantize"] = _block_groups(self.block_modules)
         self.writer.write_json("config.json", {**raw, "quantization_config": qcfg})
         self.writer.write_json("quantize_config.json", qcfg)
         for name in COPIED_FILES:
@@ -229,6 +236,14 @@ class _Run:
         self.writer.write_json("quantization_report.json", self.report)
 
 
+def _block_groups(names: set[str]) -> list[list[str]]:
+    from .layer import _stage_of
+    stages: dict[int, list[str]] = {}
+    for n in sorted(names):
+        stages.setdefault(_stage_of(n), []).append(n)
+    return [stages[k] for k in sorted(stages)]
+
+
 def _layer_report(layer: int, lq: LayerQuantizer, seconds: float, stored: dict[str, int]) -> dict:
     linears = {name: {"method": r.method, "tokens": r.tokens, "rel_error": _finite(r.rel_error),
                       "sqnr_db": _finite(r.sqnr_db), "damp": r.result.damp,
@@ -237,7 +252,9 @@ def _layer_report(layer: int, lq: LayerQuantizer, seconds: float, stored: dict[s
                for name, r in lq.results.items()}
     experts = [{"expert": e, "tokens": n,
                 "method": lq.results[f"mlp.experts.{e}.gate_proj"].method} for e, n in sorted(lq.tokens.items())]
-    return {"layer": layer, "seconds": round(seconds, 2), "linears": linears, "experts": experts}
+    rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return {"layer": layer, "seconds": round(seconds, 2), "peak_rss_mib_so_far": rss,
+            "linears": linears, "experts": experts}
 
 
 def _finite(x: float):
