@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,22 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
 
 @dataclass
 class LoadedModel:
-    """A model with its tokenizer and generation defaults; what `load()` returns."""
+    """A model with its tokenizer and generation defaults; what `load()` and
+    `load_offloaded()` return."""
 
     model: MoEForCausalLM
     tokenizer: object
     path: Path
     defaults: SamplingParams
+    offload: "OffloadRuntime | None" = None
+
+    def offload_stats(self):
+        """Hits, misses, prefetches, bytes moved, stall time, per MoE layer (None if resident)."""
+        return self.offload.cache.stats() if self.offload else None
+
+    def reset_offload_stats(self) -> None:
+        if self.offload:
+            self.offload.cache.reset_stats()
 
     @property
     def config(self) -> ModelConfig:
@@ -116,6 +127,103 @@ class LoadedModel:
         return self.generate(format_chat(self.tokenizer, messages), context, **sampling)
 
 
+def _with_tokenizer(path: Path, model: MoEForCausalLM, offload=None) -> LoadedModel:
+    tokenizer = load_tokenizer(path)
+    eos = set(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    defaults = read_generation_config(path, tuple(sorted(eos)))
+    return LoadedModel(model, tokenizer, path, defaults, offload)
+
+
+@dataclass
+class OffloadRuntime:
+    """What `load_offloaded` adds to a model: the expert cache, its plan, the prefetcher."""
+
+    cache: object
+    plan: object
+    prefetcher: object | None
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.remove()
+        self.cache.close()
+        if hasattr(self.cache.store, "close"):
+            self.cache.store.close()
+
+
+def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert_cache="auto",
+                   prefetch_depth: int = 1, policy: str = "lru", slow_tier: str = "auto",
+                   dtype: str | torch.dtype | None = None, kernel: str = "auto", context: int = 4096,
+                   offload_dir: str | Path | None = None, threaded: bool = True) -> LoadedModel:
+    """Load a checkpoint with its routed experts offloaded: the dense part resident on
+    `device`, a fixed cache of expert slots there (LRU), the rest in host RAM or on disk,
+    the next layers' experts prefetched from router predictions.
+
+    `expert_cache`: "auto" (free memory after the dense part, a KV cache of `context`
+    tokens and a margin), a size ("6GB", "512MB"), a percentage of the experts ("50%"), or
+    slots per layer (int). `slow_tier`: "auto" (pinned RAM for a GPU, disk for the CPU),
+    "ram" or "disk". `prefetch_depth` 0 turns prediction off.
+
+    >>> lm = moe_edge.load_offloaded("deepseek-moe-16b-chat-gptq-w4g128", expert_cache="4GB")
+    >>> lm.generate("Hello", max_new_tokens=32).text
+    >>> lm.offload_stats().total.hit_rate
+    """
+    from .offload.build import build_store
+    from .offload.cache import ExpertCache
+    from .offload.plan import OffloadPlan, slots_for
+    from .offload.policy import POLICIES
+    from .offload.prefetch import Prefetcher
+    path = Path(path)
+    config = load_config(path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if policy not in POLICIES:
+        raise ConfigError(f"policy {policy!r} is not supported; use one of {', '.join(POLICIES)}")
+    slow_tier = ("ram" if device.type == "cuda" else "disk") if slow_tier == "auto" else slow_tier
+    if slow_tier not in ("ram", "disk") or (slow_tier == "disk" and device.type != "cpu"):
+        raise ConfigError(f"slow tier {slow_tier!r} with device {device.type}: use ram (any "
+                          "device) or disk (with device cpu)")
+    model, weights, quant = _dense_part(path, config, device, dtype, kernel)
+    store, layouts, index_of = build_store(weights, config, quant, device, dtype, kernel,
+                                           slow_tier, offload_dir)
+    resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * dtype.itemsize
+    L, E = len(config.moe_layer_ids), config.num_experts
+    slots, margin, available = slots_for(expert_cache, device=device, resident=resident, kv=kv,
+                                         expert_bytes=store.stride, moe_layers=L, experts=E,
+                                         top_k=config.top_k)
+    plan = OffloadPlan(str(device), slow_tier, resident, kv, store.stride, L, E, config.top_k,
+                       slots, margin, available)
+    cache = ExpertCache(store, layouts, index_of, slots, device, config.hidden_size,
+                        config.moe_intermediate_size, policy, threaded)
+    for layer, block in model.moe_blocks().items():
+        block.experts = cache.provider(layer)
+    prefetcher = Prefetcher(model, cache, prefetch_depth) if prefetch_depth > 0 else None
+    return _with_tokenizer(path, model, OffloadRuntime(cache, plan, prefetcher))
+
+
+_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")
+
+
+def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel):
+    """The model without its routed experts, resident on `device`."""
+    weights = WeightMap(CheckpointReader(path), config)
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    for block in model.moe_blocks().values():
+        del block.experts  # the MoE blocks get an offloading provider instead
+        block.experts = None
+    quant = read_quant_config(path)
+    consumed = install_quantized(model, weights, quant, device, dtype, kernel,
+                                 skip=lambda p: bool(_EXPERT.match(p))) if quant else set()
+    consumed |= {n for n in weights.sources if _EXPERT.match(n)}
+    load_weights(model, weights, consumed, device=device, dtype=dtype)
+    model.quant_config = quant
+    model.quant_kernels = kernel_summary(model)
+    return model.eval(), weights, quant
+
+
 def load(path: str | Path, device: str | torch.device = "auto",
          dtype: str | torch.dtype | None = None) -> LoadedModel:
     """Load a Hugging Face MoE checkpoint folder fully resident on `device`.
@@ -124,9 +232,4 @@ def load(path: str | Path, device: str | torch.device = "auto",
     >>> lm.generate("The capital of France is", temperature=0).text
     """
     path = Path(path)
-    model = load_model(path, device, dtype)
-    tokenizer = load_tokenizer(path)
-    eos = set(model.config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    return LoadedModel(model, tokenizer, path, read_generation_config(path, tuple(sorted(eos))))
+    return _with_tokenizer(path, load_model(path, device, dtype))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -37,11 +39,14 @@ def read_gptq(weights: WeightMap, prefix: str, cfg: QuantConfig, module: nn.Line
 
 
 def install_quantized(model: nn.Module, weights: WeightMap, cfg: QuantConfig,
-                      device: torch.device, dtype: torch.dtype, kernel: str = "auto") -> set[str]:
-    """Replace every Linear that the checkpoint stores quantised; returns the model tensor
-    names they cover (so the plain loader skips them)."""
+                      device: torch.device, dtype: torch.dtype, kernel: str = "auto",
+                      skip: Callable[[str], bool] = lambda prefix: False) -> set[str]:
+    """Replace every Linear that the checkpoint stores quantised (except those `skip` names,
+    e.g. offloaded experts); returns the model tensor names they cover."""
     consumed = set()
     for prefix in quantized_prefixes(weights):
+        if skip(prefix + "."):
+            continue
         try:
             module = model.get_submodule(prefix)
         except AttributeError:

@@ -1,0 +1,233 @@
+"""The fast tier: a fixed pool of expert slots per MoE layer, replaced by a policy (LRU).
+
+Slots are allocated once; a load copies one expert's buffer from the store into a slot
+(on a worker thread for host stores, on a side CUDA stream for a GPU). All bookkeeping runs
+on the caller's thread; workers only move bytes. A load in flight is awaited, never issued
+twice; experts the current layer has asked for and not finished are pinned.
+"""
+# E=experts of a layer, S=slots of a layer
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..model.layers import MLP
+from .policy import POLICIES
+from .stats import LayerStats, OffloadStats
+from .store import ExpertLayout, expert_from_buffer
+
+
+@dataclass
+class Slot:
+    buf: torch.Tensor  # uint8 [stride], on the fast device
+    expert: int | None = None
+    handle: object = None  # a pending load (Future or CUDA event); None once ready
+    module: MLP | None = None
+    prefetched: bool = False  # loaded by a prefetch and not used since
+
+
+class Loader:
+    """Moves one expert from the store into a slot: synchronously, on a worker thread, or on a
+    CUDA stream."""
+
+    def __init__(self, store, device: torch.device, threaded: bool = True):
+        self.store, self.device = store, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moe-edge-load") if threaded and not self.stream else None
+
+    def start(self, index: int, dst: torch.Tensor):
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                self.store.read_into(index, dst, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            return event
+        if self.pool is not None:
+            return self.pool.submit(self.store.read_into, index, dst)
+        self.store.read_into(index, dst)
+        return None
+
+    @staticmethod
+    def done(handle) -> bool:
+        return handle is None or (handle.done() if isinstance(handle, Future) else handle.query())
+
+    @staticmethod
+    def wait(handle) -> None:
+        if isinstance(handle, Future):
+            handle.result()
+        elif handle is not None:  # CUDA: the compute stream waits, the host does not
+            torch.cuda.current_stream().wait_event(handle)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+@dataclass
+class LayerCache:
+    slots: list[Slot]
+    policy: object
+    where: dict[int, int] = field(default_factory=dict)  # expert -> slot index
+    pinned: set[int] = field(default_factory=set)
+    stats: LayerStats = field(default_factory=LayerStats)
+    predicted: set[int] = field(default_factory=set)  # the prefetcher's guess for the next call
+
+
+class ExpertCache:
+    """Experts of every MoE layer: `slots_per_layer` resident at a time, the rest in `store`.
+
+    >>> cache = ExpertCache(store, layouts, index_of, slots_per_layer=8, device=torch.device("cpu"),
+    ...                     hidden=2048, width=1408)
+    >>> for e, expert in cache.experts_for(layer=3, ids=[5, 9, 41]):
+    ...     y = expert(x_rows)
+    """
+
+    def __init__(self, store, layouts: dict[tuple[int, int], ExpertLayout],
+                 index_of: Callable[[int, int], int], slots_per_layer: int, device: torch.device,
+                 hidden: int, width: int, policy: str = "lru", threaded: bool = True):
+        self.store, self.layouts, self.index_of = store, layouts, index_of
+        self.device, self.hidden, self.width = device, hidden, width
+        self.slots_per_layer = slots_per_layer
+        self.loader = Loader(store, device, threaded)
+        self.layers = {l: LayerCache([Slot(torch.empty(store.stride, dtype=torch.uint8, device=device))
+                                      for _ in range(slots_per_layer)], POLICIES[policy]())
+                       for l in sorted({layer for layer, _ in layouts})}
+        self._prefetch_queue: list[tuple[int, list[int]]] = []
+
+    # --- bookkeeping -------------------------------------------------------------------
+    def resident(self, layer: int) -> list[int]:
+        return sorted(self.layers[layer].where)
+
+    def stats(self) -> OffloadStats:
+        return OffloadStats({l: c.stats for l, c in self.layers.items()})
+
+    def reset_stats(self) -> None:
+        for c in self.layers.values():
+            c.stats = LayerStats()
+
+    def _victim(self, lc: LayerCache) -> int | None:
+        """A free slot, else the policy's pick among ready, unpinned experts."""
+        for i, slot in enumerate(lc.slots):
+            if slot.expert is None:
+                return i
+        ready = [e for e, i in lc.where.items() if e not in lc.pinned and Loader.done(lc.slots[i].handle)]
+        e = lc.policy.victim(ready)
+        return None if e is None else lc.where[e]
+
+    def request(self, layer: int, expert: int, prefetch: bool = False) -> Slot | None:
+        """Make `expert` resident or loading; returns its slot (None: a prefetch with no room)."""
+        lc = self.layers[layer]
+        if expert in lc.where:
+            slot = lc.slots[lc.where[expert]]
+            if not prefetch:
+                lc.stats.hits += 1
+                lc.stats.prefetch_used += slot.prefetched
+                slot.prefetched = False
+                lc.policy.touch(expert)
+            return slot
+        i = self._victim(lc)
+        if i is None:
+            if prefetch:
+                return None
+            raise RuntimeError(f"layer {layer}: every one of {len(lc.slots)} slots is pinned; the "
+                               "cache needs at least top-k slots per layer")
+        return self._load_into(layer, lc, i, expert, prefetch)
+
+    def _load_into(self, layer: int, lc: LayerCache, i: int, expert: int, prefetch: bool) -> Slot:
+        slot = lc.slots[i]
+        if slot.expert is not None:
+            lc.stats.prefetch_wasted += slot.prefetched
+            del lc.where[slot.expert]
+            lc.policy.forget(slot.expert)
+        slot.expert, slot.module, slot.prefetched = expert, None, prefetch
+        lc.where[expert] = i
+        lc.policy.touch(expert)
+        slot.handle = self.loader.start(self.index_of(layer, expert), slot.buf)
+        lc.stats.bytes_moved += self.store.stride
+        if prefetch:
+            lc.stats.prefetch_issued += 1
+        else:
+            lc.stats.misses += 1
+        return slot
+
+    def _ready(self, lc: LayerCache, slot: Slot, layer: int) -> MLP:
+        if slot.handle is not None:
+            t0 = time.perf_counter()
+            Loader.wait(slot.handle)
+            lc.stats.stall_seconds += time.perf_counter() - t0
+            slot.handle = None
+        if slot.module is None:
+            slot.module = expert_from_buffer(self.layouts[(layer, slot.expert)], slot.buf, self.hidden, self.width)
+        return slot.module
+
+    # --- prefetch ----------------------------------------------------------------------
+    def schedule_prefetch(self, layer: int, experts: list[int]) -> None:
+        """Queued, and issued after the current layer's own loads (so they go first)."""
+        self._prefetch_queue.append((layer, experts))
+        self.layers[layer].predicted = set(experts)
+
+    def _issue_prefetches(self) -> None:
+        queue, self._prefetch_queue = self._prefetch_queue, []
+        for layer, experts in queue:
+            for e in experts[: self.slots_per_layer]:
+                self.request(layer, e, prefetch=True)
+
+    # --- the ExpertProvider protocol, per layer -----------------------------------------
+    def experts_for(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, MLP]]:
+        """Resident experts first, then the others as their loads land; more experts than
+        slots (prefill) stream through the slots, loading ahead while one computes."""
+        lc = self.layers[layer]
+        ids = list(ids)
+        self._record_prediction(lc, ids)
+        pending = deque(sorted(ids, key=lambda e: e not in lc.where))
+        active: deque[tuple[int, Slot]] = deque()
+        try:
+            while pending or active:
+                while pending and (pending[0] in lc.where or self._victim(lc) is not None):
+                    e = pending.popleft()
+                    lc.pinned.add(e)
+                    active.append((e, self.request(layer, e)))
+                self._issue_prefetches()
+                e, slot = self._next_ready(active)
+                yield e, self._ready(lc, slot, layer)
+                lc.pinned.discard(e)
+        finally:
+            lc.pinned.clear()
+
+    @staticmethod
+    def _next_ready(active: deque) -> tuple[int, Slot]:
+        for item in active:
+            if Loader.done(item[1].handle):
+                active.remove(item)
+                return item
+        return active.popleft()
+
+    @staticmethod
+    def _record_prediction(lc: LayerCache, ids: list[int]) -> None:
+        if lc.predicted:
+            lc.stats.predicted += len(lc.predicted)
+            lc.stats.predicted_correct += len(lc.predicted & set(ids))
+            lc.stats.actual += len(ids)
+            lc.predicted = set()
+
+    def provider(self, layer: int) -> "LayerExperts":
+        return LayerExperts(self, layer)
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+class LayerExperts:
+    """The ExpertProvider a MoE block sees for one layer."""
+
+    def __init__(self, cache: ExpertCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    def experts_for(self, ids: Iterable[int]) -> Iterator[tuple[int, MLP]]:
+        return self.cache.experts_for(self.layer, ids)

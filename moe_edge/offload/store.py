@@ -1,0 +1,161 @@
+"""The slow tier: every routed expert, already in its kernel's layout, one contiguous buffer each.
+
+An expert is three projections (gate, up, down); each is a QuantLinear's kernel buffers or a
+16-bit weight. `pack_expert` lays them out in one byte buffer (the same stride for every
+expert of a layer), `expert_from_buffer` rebuilds the callable from views into a slot's
+buffer, so a load is one copy and nothing is converted on the decode path.
+
+Stores: `RamStore` (host memory, pinned when the fast device is a GPU) and `DiskStore` (a
+file read with positioned reads; its pages are dropped from the OS cache after each read so
+the page cache cannot quietly hold the experts the budget leaves out).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model.layers import MLP
+from ..quant.qlinear import QuantLinear
+
+ALIGN = 64  # every tensor starts 64-byte aligned inside an expert buffer
+PAGE = 4096  # expert strides are page multiples (positioned reads of whole pages)
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # e.g. "gate_proj.packed" or "down_proj.weight"
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where each tensor of one expert sits in its buffer, and how to rebuild the projections."""
+
+    entries: tuple[Entry, ...]
+    specs: tuple[tuple, ...]  # per projection: ("dense",) or ("quant", in, out, kernel, group, reason)
+    nbytes: int
+
+
+def _align(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _tensors_of(proj: nn.Module) -> tuple[tuple, dict[str, torch.Tensor]]:
+    if isinstance(proj, QuantLinear):
+        spec = ("quant", proj.in_features, proj.out_features, proj.kernel, proj.group, proj.reason)
+        return spec, {n: b for n, b in proj.named_buffers() if b is not None}
+    return ("dense",), {"weight": proj.weight.detach()}
+
+
+def pack_expert(expert: MLP) -> tuple[ExpertLayout, torch.Tensor]:
+    """One expert's tensors in one uint8 buffer (CPU) and the layout to read them back."""
+    entries, specs, chunks, offset = [], [], [], 0
+    for proj_name in PROJECTIONS:
+        spec, tensors = _tensors_of(getattr(expert, proj_name))
+        specs.append(spec)
+        for name, t in tensors.items():
+            t = t.detach().to("cpu").contiguous()
+            entries.append(Entry(f"{proj_name}.{name}", t.dtype, tuple(t.shape), offset))
+            chunks.append((offset, t))
+            offset = _align(offset + t.numel() * t.element_size(), ALIGN)
+    buf = torch.zeros(_align(offset, PAGE), dtype=torch.uint8)
+    for off, t in chunks:
+        buf[off:off + t.numel() * t.element_size()] = t.view(-1).view(torch.uint8)
+    return ExpertLayout(tuple(entries), tuple(specs), offset), buf
+
+
+def expert_from_buffer(layout: ExpertLayout, buf: torch.Tensor, hidden: int, width: int) -> MLP:
+    """An MLP whose projections are views into `buf` (a slot): no copies, no allocations of
+    weight memory."""
+    views = {e.name: buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in layout.entries}
+    with torch.device("meta"):
+        expert = MLP(hidden, width)
+    for proj_name, spec in zip(PROJECTIONS, layout.specs):
+        mine = {k.split(".", 1)[1]: v for k, v in views.items() if k.startswith(proj_name + ".")}
+        if spec[0] == "dense":
+            proj = nn.Linear(1, 1, bias=False, device="meta")
+            proj.weight = nn.Parameter(mine["weight"], requires_grad=False)
+            proj.in_features, proj.out_features = mine["weight"].shape[1], mine["weight"].shape[0]
+        else:
+            _, fan_in, fan_out, kernel, group, reason = spec
+            proj = QuantLinear(fan_in, fan_out, kernel, reason)
+            proj.group = group
+            for name, view in mine.items():
+                proj.register_buffer(name, view)
+        setattr(expert, proj_name, proj)
+    return expert
+
+
+class RamStore:
+    """All experts in one host buffer; `pin` for fast, asynchronous copies to a GPU."""
+
+    kind = "ram"
+
+    def __init__(self, stride: int, count: int, pin: bool = False):
+        self.stride, self.count = stride, count
+        self.data = torch.empty(stride * count, dtype=torch.uint8, pin_memory=pin)
+
+    def write(self, index: int, buf: torch.Tensor) -> None:
+        self.data[index * self.stride:index * self.stride + buf.numel()] = buf
+
+    def read_into(self, index: int, dst: torch.Tensor, non_blocking: bool = False) -> None:
+        dst.copy_(self.data[index * self.stride:(index + 1) * self.stride], non_blocking=non_blocking)
+
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+class DiskStore:
+    """All experts in one file; a load is one positioned read into the slot's buffer."""
+
+    kind = "disk"
+
+    def __init__(self, path: str | Path, stride: int, count: int):
+        self.path, self.stride, self.count = Path(path), stride, count
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self.fd, stride * count)
+
+    def write(self, index: int, buf: torch.Tensor) -> None:
+        os.pwrite(self.fd, buf.numpy().tobytes(), index * self.stride)
+
+    def finish_writing(self) -> None:
+        os.fsync(self.fd)
+        self.drop_cache()
+
+    def drop_cache(self, offset: int = 0, length: int = 0) -> None:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+    def read_into(self, index: int, dst: torch.Tensor, non_blocking: bool = False) -> None:
+        offset = index * self.stride
+        view = memoryview(dst.numpy()).cast("B")
+        done = 0
+        while done < self.stride:  # pread may return short counts
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{self.path}: short read at byte {offset + done}")
+            done += n
+        self.drop_cache(offset, self.stride)
+
+    def nbytes(self) -> int:
+        return self.stride * self.count
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
