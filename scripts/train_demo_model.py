@@ -28,6 +28,7 @@ import demo_data  # noqa: E402
 
 from moe_edge.checkpoint import ShardedWriter  # noqa: E402
 from moe_edge.config import config_from_dict  # noqa: E402
+from moe_edge.evaluate import mean_nll  # noqa: E402
 from moe_edge.model import MoEForCausalLM, Router  # noqa: E402
 
 DEMO_CONFIG = {
@@ -83,19 +84,12 @@ class BalanceLoss:
         return loss
 
 
-@torch.no_grad()
 def evaluate(model: MoEForCausalLM, stream: torch.Tensor, seq_len: int, batch: int) -> float:
     """Mean next-token cross-entropy over non-overlapping windows of the held-out stream."""
     model.eval()
-    n = (len(stream) - 1) // seq_len
-    x = stream[: n * seq_len].view(n, seq_len)
-    y = stream[1: n * seq_len + 1].view(n, seq_len)
-    total = 0.0
-    for i in range(0, n, batch):
-        logits = model(x[i:i + batch])
-        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch].flatten(), reduction="sum").item()
+    loss = mean_nll(model, stream, seq_len, batch)
     model.train()
-    return total / (n * seq_len)
+    return loss
 
 
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:

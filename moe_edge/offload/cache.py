@@ -58,6 +58,13 @@ class Loader:
         return handle is None or (handle.done() if isinstance(handle, Future) else handle.query())
 
     @staticmethod
+    def wait_host(handle) -> None:
+        if isinstance(handle, Future):
+            handle.result()
+        elif handle is not None:
+            handle.synchronize()
+
+    @staticmethod
     def wait(handle) -> None:
         if isinstance(handle, Future):
             handle.result()
@@ -194,11 +201,26 @@ class ExpertCache:
                     lc.pinned.add(e)
                     active.append((e, self.request(layer, e)))
                 self._issue_prefetches()
+                if not active:  # every free slot is taken by prefetches still in flight
+                    self._land_one_prefetch(lc)
+                    continue
                 e, slot = self._next_ready(active)
                 yield e, self._ready(lc, slot, layer)
                 lc.pinned.discard(e)
         finally:
             lc.pinned.clear()
+
+    @staticmethod
+    def _land_one_prefetch(lc: LayerCache) -> None:
+        """Wait for one in-flight load of this layer, which makes its slot evictable."""
+        for slot in lc.slots:
+            if slot.handle is not None and slot.expert not in lc.pinned:
+                t0 = time.perf_counter()
+                Loader.wait_host(slot.handle)
+                lc.stats.stall_seconds += time.perf_counter() - t0
+                slot.handle = None
+                return
+        raise RuntimeError("no slot can be freed: every slot is pinned by the current layer")
 
     @staticmethod
     def _next_ready(active: deque) -> tuple[int, Slot]:

@@ -1,0 +1,195 @@
+"""Offloaded experts: same output as resident, slot limits, LRU and prefetch accounting."""
+
+import threading
+
+import psutil
+import pytest
+import torch
+
+from moe_edge.api import load, load_offloaded
+from moe_edge.errors import ConfigError
+from moe_edge.model.layers import MLP
+from moe_edge.offload.cache import ExpertCache
+from moe_edge.offload.plan import parse_size
+from moe_edge.offload.store import RamStore, pack_expert
+from moe_edge.testing import write_checkpoint, write_gptq_checkpoint
+
+SHAPE = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("off")
+    src = write_checkpoint(root / "fp", "deepseek", **SHAPE)
+    return {"fp": src, "gptq": write_gptq_checkpoint(src, root / "q", group_size=64, act_order=True)}
+
+
+@pytest.mark.parametrize("kind", ["fp", "gptq"])
+@pytest.mark.parametrize("slots", [3, 6, 8])  # top-k, 2x top-k, all 8 experts
+@pytest.mark.parametrize("depth", [0, 1])
+def test_offloaded_equals_resident(ckpts, kind, slots, depth):
+    ref = load(ckpts[kind], device="cpu")
+    tier = "disk" if slots == 3 else "ram"
+    lm = load_offloaded(ckpts[kind], device="cpu", expert_cache=slots, prefetch_depth=depth, slow_tier=tier)
+    try:
+        counts = []
+        for layer, block in lm.model.moe_blocks().items():
+            block.register_forward_hook(lambda m, a, o, l=layer: counts.append(len(lm.offload.cache.resident(l))))
+        prompt = "Offloading keeps hot experts close."
+        assert lm.generate(prompt, temperature=0, max_new_tokens=24).token_ids == \
+            ref.generate(prompt, temperature=0, max_new_tokens=24).token_ids
+        ids = torch.tensor([lm.encode(prompt)])
+        with torch.no_grad():
+            assert torch.allclose(lm.model(ids), ref.model(ids), atol=1e-4, rtol=1e-4)
+        assert counts and max(counts) <= slots  # checked after every MoE layer call
+        stats = lm.offload_stats().total
+        assert stats.misses > 0 and stats.hits > 0
+        assert (stats.predicted > 0) == (depth > 0)
+    finally:
+        lm.offload.close()
+
+
+class CountingStore(RamStore):
+    """A RAM store that counts loads and can hold them until released."""
+
+    def __init__(self, *a, gate: threading.Event | None = None, **k):
+        super().__init__(*a, **k)
+        self.loads, self.gate = [], gate
+
+    def read_into(self, index, dst, non_blocking=False):
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.loads.append(index)
+        super().read_into(index, dst)
+
+
+def tiny_cache(slots, experts=6, gate=None, threaded=False):
+    torch.manual_seed(0)
+    layouts, bufs = {}, []
+    for e in range(experts):
+        layout, buf = pack_expert(MLP(8, 4))
+        layouts[(1, e)] = layout
+        bufs.append(buf)
+    store = CountingStore(bufs[0].numel(), experts, gate=gate)
+    for e, buf in enumerate(bufs):
+        store.write(e, buf)
+    return ExpertCache(store, layouts, lambda l, e: e, slots, torch.device("cpu"), 8, 4, threaded=threaded), store
+
+
+def run(cache, ids):
+    return [e for e, _ in cache.experts_for(1, ids)]
+
+
+def test_lru_order_and_counts_by_hand():
+    cache, store = tiny_cache(slots=3)
+    run(cache, [0, 1])      # miss 0, miss 1
+    run(cache, [1, 2])      # hit 1, miss 2
+    run(cache, [3])         # miss 3, evicts 0 (least recently used)
+    assert cache.resident(1) == [1, 2, 3]
+    run(cache, [1, 0])      # hit 1; miss 0 evicts 2 (1 was just touched)
+    assert cache.resident(1) == [0, 1, 3]
+    assert cache.layers[1].policy.order() == [3, 1, 0]
+    s = cache.stats().layers[1]
+    assert (s.hits, s.misses) == (2, 5) and store.loads == [0, 1, 2, 3, 0]
+    assert s.bytes_moved == 5 * store.stride
+
+
+def test_resident_experts_computed_first():
+    cache, _ = tiny_cache(slots=4)
+    run(cache, [4])
+    assert run(cache, [2, 4, 5]) == [4, 2, 5]
+
+
+def test_prefetch_accounting_by_hand():
+    cache, store = tiny_cache(slots=3)
+    run(cache, [0, 1, 2])
+    cache.schedule_prefetch(1, [3])
+    cache._issue_prefetches()   # prefetch 3 evicts 0
+    cache.schedule_prefetch(1, [4])
+    cache._issue_prefetches()   # prefetch 4 evicts 1
+    assert run(cache, [3, 2]) == [3, 2]   # 3 used (hit), 2 hit
+    cache.schedule_prefetch(1, [5])
+    cache._issue_prefetches()   # evicts LRU among ready: 4 (prefetched, never used) -> wasted
+    s = cache.stats().layers[1]
+    assert (s.prefetch_issued, s.prefetch_used, s.prefetch_wasted) == (3, 1, 1)
+    assert (s.hits, s.misses) == (2, 3)
+    # the latest prediction before the call ({4}) is scored against what it used ({3, 2})
+    assert (s.predicted, s.predicted_correct, s.actual) == (1, 0, 2)
+
+
+def test_in_flight_load_is_never_duplicated():
+    gate = threading.Event()
+    cache, store = tiny_cache(slots=3, gate=gate, threaded=True)
+    cache.schedule_prefetch(1, [2])
+    cache._issue_prefetches()             # load of 2 is now blocked in the worker
+    slot_a = cache.request(1, 2)          # demand for the same expert while in flight
+    slot_b = cache.request(1, 2, prefetch=True)
+    assert slot_a is slot_b
+    gate.set()
+    assert run(cache, [2]) == [2]
+    cache.close()
+    assert store.loads == [2]
+
+
+def test_pinned_experts_are_never_evicted():
+    cache, _ = tiny_cache(slots=2)
+    gen = cache.experts_for(1, [0, 1])
+    next(gen)                              # 0 and 1 are pinned while the layer computes
+    assert cache.request(1, 4, prefetch=True) is None  # a prefetch finds no room
+    with pytest.raises(RuntimeError, match="pinned"):
+        cache.request(1, 5)
+    list(gen)
+    assert cache.request(1, 4, prefetch=True) is not None
+
+
+def test_more_experts_than_slots_stream_through(ckpts):
+    """Prefill touches every expert: with top-k slots they stream through the slots."""
+    cache, store = tiny_cache(slots=2)
+    assert sorted(run(cache, [0, 1, 2, 3, 4, 5])) == [0, 1, 2, 3, 4, 5]
+    assert len(cache.resident(1)) == 2 and len(store.loads) == 6
+
+
+def test_budget_too_small_names_the_minimum(ckpts):
+    with pytest.raises(ConfigError, match=r"too small: 2 slots per layer, but top-k is 3; the minimum is"):
+        load_offloaded(ckpts["fp"], device="cpu", expert_cache=2)
+    with pytest.raises(ConfigError, match="too small"):
+        load_offloaded(ckpts["fp"], device="cpu", expert_cache="10KB")
+
+
+def test_plan_and_sizes(ckpts):
+    assert parse_size("6GB") == 6 * 10**9 and parse_size("512MiB") == 512 * 2**20
+    lm = load_offloaded(ckpts["gptq"], device="cpu", expert_cache="50%", slow_tier="ram")
+    plan = lm.offload.plan
+    assert plan.slots_per_layer == 4 and plan.moe_layers == 2 and plan.cache_bytes == 8 * plan.expert_bytes
+    assert "4/8 experts" in plan.describe()
+    auto = load_offloaded(ckpts["gptq"], device="cpu", expert_cache="auto", slow_tier="ram")
+    assert auto.offload.plan.slots_per_layer == 8 and auto.offload.plan.available_bytes > 0
+    lm.offload.close(), auto.offload.close()
+
+
+@pytest.mark.slow
+def test_soak_2000_decode_steps_smallest_cache(ckpts):
+    lm = load_offloaded(ckpts["gptq"], device="cpu", expert_cache=3, prefetch_depth=1, slow_tier="disk")
+    try:
+        lm.generate("warm up", temperature=1.0, seed=0, max_new_tokens=100, eos_token_ids=())
+        rss0 = psutil.Process().memory_info().rss
+        result = lm.generate("soak", temperature=1.0, seed=1, max_new_tokens=2000, eos_token_ids=())
+        growth = psutil.Process().memory_info().rss - rss0
+        assert result.generated_tokens == 2000
+        stats = lm.offload_stats().total
+        assert stats.misses > 0 and stats.prefetch_issued > 0
+        print(f"soak: {result.generated_tokens} steps, RSS growth {growth / 2**20:.1f} MiB")
+        assert growth < 64 * 2**20  # the KV cache for 2,100 positions is preallocated up front
+    finally:
+        lm.offload.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_offloaded_equals_resident(ckpts):
+    ref = load(ckpts["gptq"], device="cuda")
+    lm = load_offloaded(ckpts["gptq"], device="cuda", expert_cache=3, prefetch_depth=1)
+    assert lm.offload.cache.store.data.is_pinned()
+    prompt = "Offloading on a GPU"
+    assert lm.generate(prompt, temperature=0, max_new_tokens=16).token_ids == \
+        ref.generate(prompt, temperature=0, max_new_tokens=16).token_ids
