@@ -194,3 +194,15 @@ def write_gptq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 12
                 w.copy_file(f)
         w.commit()
     return dst
+
+
+def edit_weights(folder: str | Path, edit) -> None:
+    """Rewrite `folder/model.safetensors` after `edit(tensors: dict)` changed it in place
+    (tests use it to break checkpoints in specific ways)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    file = Path(folder) / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(file))

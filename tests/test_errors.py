@@ -6,12 +6,11 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moe_edge.api import load, load_model
 from moe_edge.cli import main
 from moe_edge.errors import CheckpointError, ConfigError, MoeEdgeError
+from moe_edge.testing import edit_weights
 
 
 @pytest.fixture
@@ -19,14 +18,6 @@ def ckpt(tiny_deepseek, tmp_path):
     dst = tmp_path / "model"
     shutil.copytree(tiny_deepseek, dst)
     return dst
-
-
-def rewrite_weights(folder, edit):
-    file = folder / "model.safetensors"
-    with safe_open(str(file), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    edit(tensors)
-    save_file(tensors, str(file))
 
 
 def test_missing_folder(tmp_path):
@@ -54,7 +45,7 @@ def test_unsupported_model_type(ckpt):
 
 
 def test_missing_tensor(ckpt):
-    rewrite_weights(ckpt, lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    edit_weights(ckpt, lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.experts.3.up_proj.weight' is missing"):
         load_model(ckpt, device="cpu")
 
@@ -62,7 +53,7 @@ def test_missing_tensor(ckpt):
 def test_wrongly_shaped_tensor(ckpt):
     def edit(t):
         t["model.layers.2.mlp.gate.weight"] = torch.zeros(7, 64)
-    rewrite_weights(ckpt, edit)
+    edit_weights(ckpt, edit)
     with pytest.raises(CheckpointError) as e:
         load_model(ckpt, device="cpu")
     message = str(e.value)
@@ -73,7 +64,7 @@ def test_wrongly_shaped_tensor(ckpt):
 def test_unexpected_tensor(ckpt):
     def edit(t):
         t["model.layers.1.mlp.experts.99.up_proj.weight"] = torch.zeros(32, 64)
-    rewrite_weights(ckpt, edit)
+    edit_weights(ckpt, edit)
     with pytest.raises(CheckpointError, match="does not use"):
         load_model(ckpt, device="cpu")
 

@@ -6,14 +6,12 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moe_edge.api import load, load_model
 from moe_edge.errors import CheckpointError
 from moe_edge.quant.format import dequantize
 from moe_edge.quant.qlinear import QuantLinear
-from moe_edge.testing import gptq_layer, write_gptq_checkpoint
+from moe_edge.testing import edit_weights, gptq_layer, write_gptq_checkpoint
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -110,36 +108,21 @@ def test_quantized_generation_runs(gptq_ckpt):
     assert lm.generate("hi", temperature=0, max_new_tokens=8).generated_tokens > 0
 
 
-def edit_tensors(folder, edit):
-    file = folder / "model.safetensors"
-    with safe_open(str(file), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    edit(tensors)
-    save_file(tensors, str(file))
-
-
 def test_missing_scales_named(gptq_ckpt, tmp_path):
     dst = shutil.copytree(gptq_ckpt[1], tmp_path / "q")
-    edit_tensors(dst, lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.scales"))
+    edit_weights(dst, lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.scales"))
     with pytest.raises(CheckpointError, match="experts.2.up_proj.scales' is missing"):
         load_model(dst, device="cpu")
 
 
-def test_quantized_router_refused(gptq_ckpt, tmp_path):
+@pytest.mark.parametrize("name, value, message", [
+    ("model.layers.1.mlp.gate.qweight", torch.zeros(16, 8, dtype=torch.int32),
+     "mlp.gate.qweight is quantized but .* is a router"),
+    ("model.layers.0.self_attn.q_proj.qweight", torch.zeros(32, 128, dtype=torch.int32),
+     "q_proj.qweight .* 8-bit values"),
+])
+def test_bad_quantized_tensors_named(gptq_ckpt, tmp_path, name, value, message):
     dst = shutil.copytree(gptq_ckpt[1], tmp_path / "q")
-
-    def edit(t):
-        t["model.layers.1.mlp.gate.qweight"] = torch.zeros(16, 8, dtype=torch.int32)
-    edit_tensors(dst, edit)
-    with pytest.raises(CheckpointError, match="mlp.gate.qweight is quantized but .* is a router"):
-        load_model(dst, device="cpu")
-
-
-def test_config_bits_mismatch_named(gptq_ckpt, tmp_path):
-    dst = shutil.copytree(gptq_ckpt[1], tmp_path / "q")
-
-    def edit(t):
-        t["model.layers.0.self_attn.q_proj.qweight"] = torch.zeros(32, 128, dtype=torch.int32)
-    edit_tensors(dst, edit)
-    with pytest.raises(CheckpointError, match="q_proj.qweight .* 8-bit values"):
+    edit_weights(dst, lambda t: t.__setitem__(name, value))
+    with pytest.raises(CheckpointError, match=message):
         load_model(dst, device="cpu")
