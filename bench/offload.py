@@ -2,7 +2,8 @@
 
     python bench/offload.py moe_edge/demo/deepseek-moe-tiny-gptq --slow-tier disk
 
-For each expert-cache size (100%, 50%, 25%, top-k slots) and prefetch depth (0, 1) it
+For each expert-cache size (100%, 50%, 25%, top-k slots) and prefetch setting (off; next
+layer, top-k wide; next layer, 2 x top-k wide) it
 decodes the same text (a held-out document, teacher-forced prompt then greedy decode) and
 reports tokens/s, its ratio to the resident model, hit rate, prefetch precision and
 recall, bytes paged in and time stalled. Runs alternate with the resident baseline so that
@@ -44,9 +45,9 @@ def main() -> None:
     E, k = resident.config.num_experts, resident.config.top_k
     rows = []
     for cache in ["100%", "50%", "25%", k]:
-        for depth in (0, 1):
+        for depth, width in ((0, None), (1, None), (1, 2 * k)):
             lm = load_offloaded(args.model, device="cpu", expert_cache=cache, prefetch_depth=depth,
-                                slow_tier=args.slow_tier)
+                                prefetch_width=width, slow_tier=args.slow_tier)
             decode_tps(lm, prompt, 8)  # warm-up: fills the cache the way a session would
             lm.reset_offload_stats()
             base, off = [], []
@@ -56,6 +57,7 @@ def main() -> None:
             s = lm.offload_stats().total
             rows.append({"expert_cache": cache if isinstance(cache, str) else f"{cache} slots (top-k)",
                          "slots_per_layer": lm.offload.plan.slots_per_layer, "prefetch_depth": depth,
+                         "prefetch_width": lm.offload.prefetcher.width if lm.offload.prefetcher else 0,
                          "decode_tps": round(statistics.median(off), 1),
                          "resident_tps": round(statistics.median(base), 1),
                          "ratio": round(statistics.median(off) / statistics.median(base), 3),

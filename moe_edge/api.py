@@ -153,7 +153,8 @@ class OffloadRuntime:
 
 
 def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert_cache="auto",
-                   prefetch_depth: int = 1, policy: str = "lru", slow_tier: str = "auto",
+                   prefetch_depth: int = 1, prefetch_width: int | None = None,
+                   policy: str = "lru", slow_tier: str = "auto",
                    dtype: str | torch.dtype | None = None, kernel: str = "auto", context: int = 4096,
                    offload_dir: str | Path | None = None, threaded: bool = True) -> LoadedModel:
     """Load a checkpoint with its routed experts offloaded: the dense part resident on
@@ -163,7 +164,8 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     `expert_cache`: "auto" (free memory after the dense part, a KV cache of `context`
     tokens and a margin), a size ("6GB", "512MB"), a percentage of the experts ("50%"), or
     slots per layer (int). `slow_tier`: "auto" (pinned RAM for a GPU, disk for the CPU),
-    "ram" or "disk". `prefetch_depth` 0 turns prediction off.
+    "ram" or "disk". `prefetch_depth` 0 turns prediction off; `prefetch_width` experts are
+    predicted per layer (default top-k; wider raises recall at the cost of bandwidth).
 
     >>> lm = moe_edge.load_offloaded("deepseek-moe-16b-chat-gptq-w4g128", expert_cache="4GB")
     >>> lm.generate("Hello", max_new_tokens=32).text
@@ -199,7 +201,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
                         config.moe_intermediate_size, policy, threaded)
     for layer, block in model.moe_blocks().items():
         block.experts = cache.provider(layer)
-    prefetcher = Prefetcher(model, cache, prefetch_depth) if prefetch_depth > 0 else None
+    prefetcher = Prefetcher(model, cache, prefetch_depth, prefetch_width) if prefetch_depth > 0 else None
     return _with_tokenizer(path, model, OffloadRuntime(cache, plan, prefetcher))
 
 

@@ -28,7 +28,8 @@ class Slot:
     buf: torch.Tensor  # uint8 [stride], on the fast device
     expert: int | None = None
     handle: object = None  # a pending load (Future or CUDA event); None once ready
-    module: MLP | None = None
+    module: MLP | None = None  # views into buf; reused while experts share a layout
+    layout: ExpertLayout | None = None
     prefetched: bool = False  # loaded by a prefetch and not used since
 
 
@@ -152,7 +153,9 @@ class ExpertCache:
             lc.stats.prefetch_wasted += slot.prefetched
             del lc.where[slot.expert]
             lc.policy.forget(slot.expert)
-        slot.expert, slot.module, slot.prefetched = expert, None, prefetch
+        if slot.module is not None and self.layouts[(layer, expert)] != slot.layout:
+            slot.module = None  # same layout: the module's views already show the new bytes
+        slot.expert, slot.prefetched, slot.layout = expert, prefetch, self.layouts[(layer, expert)]
         lc.where[expert] = i
         lc.policy.touch(expert)
         slot.handle = self.loader.start(self.index_of(layer, expert), slot.buf)
