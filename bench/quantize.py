@@ -15,6 +15,8 @@ import argparse
 import json
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,10 +61,16 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="moe-edge-bench-"))
+    if args.write_only:
+        write_synthetic(root / "synthetic", args)
+        return
+    # written by a child process, so this process's peak memory is the quantizer's alone
     t0 = time.perf_counter()
-    write_synthetic(root / "synthetic", args)
+    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--workdir", str(root), "--write-only"],
+                   check=True)
     write_s = time.perf_counter() - t0
     options = QuantizeOptions(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
     result = quantize(root / "synthetic", root / "synthetic-gptq", options, overwrite=True)

@@ -83,6 +83,13 @@ class CheckpointReader:
             self._handles[path] = handle
         return handle
 
+    def release(self) -> None:
+        """Close the shard files. Reads go through memory maps, whose touched pages count as
+        this process's resident memory until unmapped: streaming readers call this after
+        each layer so that resident memory tracks one layer, not the file. Files reopen on
+        the next read."""
+        self._handles.clear()
+
     def keys(self) -> list[str]:
         return list(self._file_of)
 

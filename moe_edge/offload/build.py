@@ -67,6 +67,7 @@ def build_store(weights: WeightMap, config: ModelConfig, quant: QuantConfig | No
                                       "must have the same shapes")
             store.write(index_of(layer, e), buf)
             layouts[(layer, e)] = layout
+        weights.reader.release()  # unmap what this layer's experts touched
     if slow_tier == "disk":
         store.finish_writing()
     return store, layouts, index_of

@@ -166,6 +166,7 @@ class _Run:
         for layer in range(self.next_layer, self.config.num_layers):
             t0 = time.perf_counter()
             module = self._load_layer(layer)
+            self.weights.reader.release()
             lq = LayerQuantizer(module, self.opts.layer_options(), self.cos, self.sin)
             lq.run(self.hidden.to(self.device))
             self.hidden = lq.forward(self.hidden.to(self.device)).cpu()
