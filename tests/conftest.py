@@ -13,3 +13,10 @@ def tiny_deepseek(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _expert_cache_dir(tmp_path_factory):
+    """Disk expert stores go to a temporary folder, never to the user's ~/.cache."""
+    import os
+    os.environ["MOE_EDGE_CACHE"] = str(tmp_path_factory.mktemp("expert-cache"))

@@ -193,3 +193,20 @@ def test_cuda_offloaded_equals_resident(ckpts):
     prompt = "Offloading on a GPU"
     assert lm.generate(prompt, temperature=0, max_new_tokens=16).token_ids == \
         ref.generate(prompt, temperature=0, max_new_tokens=16).token_ids
+
+
+def test_disk_store_is_reused_by_the_next_load(ckpts, tmp_path, monkeypatch):
+    first = load_offloaded(ckpts["gptq"], device="cpu", expert_cache=4, slow_tier="disk", offload_dir=tmp_path)
+    tokens = first.generate("reuse", temperature=0, max_new_tokens=12).token_ids
+    first.offload.close()
+    assert len(list(tmp_path.glob("*/experts.bin"))) == 1
+    import moe_edge.offload.build as build
+    monkeypatch.setattr(build, "expert_module", lambda *a, **k: pytest.fail("experts converted again"))
+    again = load_offloaded(ckpts["gptq"], device="cpu", expert_cache=4, slow_tier="disk", offload_dir=tmp_path)
+    assert again.generate("reuse", temperature=0, max_new_tokens=12).token_ids == tokens
+    again.offload.close()
+    monkeypatch.undo()
+    other = load_offloaded(ckpts["gptq"], device="cpu", expert_cache=4, slow_tier="disk",
+                           offload_dir=tmp_path, kernel="dequant")  # other settings: a new store
+    other.offload.close()
+    assert len(list(tmp_path.glob("*/experts.bin"))) == 2

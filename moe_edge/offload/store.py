@@ -125,11 +125,20 @@ class DiskStore:
 
     kind = "disk"
 
-    def __init__(self, path: str | Path, stride: int, count: int):
+    def __init__(self, path: str | Path, stride: int, count: int, create: bool = True):
         self.path, self.stride, self.count = Path(path), stride, count
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(self.fd, stride * count)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(self.fd, stride * count)
+        else:
+            self.fd = os.open(self.path, os.O_RDONLY)
+            if os.fstat(self.fd).st_size != stride * count:
+                raise OSError(f"{self.path}: size does not match its layouts.json; delete the folder")
+
+    def rename(self, path: Path) -> None:
+        os.replace(self.path, path)
+        self.path = path
 
     def write(self, index: int, buf: torch.Tensor) -> None:
         os.pwrite(self.fd, buf.numpy().tobytes(), index * self.stride)
@@ -157,5 +166,5 @@ class DiskStore:
         return self.stride * self.count
 
     def close(self) -> None:
+        """Closes the file; it stays, as a cache for the next load of the same checkpoint."""
         os.close(self.fd)
-        self.path.unlink(missing_ok=True)
