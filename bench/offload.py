@@ -37,6 +37,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--caches", default="100%,50%,25%,topk", help="comma-separated cache sizes")
+    ap.add_argument("--prefetch", default="0,1x,2x",
+                    help="comma-separated: 0 (off), 1x (next layer, top-k wide), 2x (2 x top-k wide)")
+    ap.add_argument("--offload-dir", default=None, help="where the disk expert store is cached")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,10 +48,12 @@ def main() -> None:
     prompt = heldout_ids(resident.tokenizer, max_tokens=args.prompt_tokens).tolist()
     E, k = resident.config.num_experts, resident.config.top_k
     rows = []
-    for cache in ["100%", "50%", "25%", k]:
-        for depth, width in ((0, None), (1, None), (1, 2 * k)):
+    settings = {"0": (0, None), "1x": (1, k), "2x": (1, 2 * k)}
+    for cache in [k if c == "topk" else c for c in args.caches.split(",")]:
+        for depth, width in (settings[p] for p in args.prefetch.split(",")):
             lm = load_offloaded(args.model, device="cpu", expert_cache=cache, prefetch_depth=depth,
-                                prefetch_width=width, slow_tier=args.slow_tier)
+                                prefetch_width=width, slow_tier=args.slow_tier,
+                                offload_dir=args.offload_dir)
             decode_tps(lm, prompt, 8)  # warm-up: fills the cache the way a session would
             lm.reset_offload_stats()
             base, off = [], []

@@ -210,3 +210,16 @@ def test_disk_store_is_reused_by_the_next_load(ckpts, tmp_path, monkeypatch):
                            offload_dir=tmp_path, kernel="dequant")  # other settings: a new store
     other.offload.close()
     assert len(list(tmp_path.glob("*/experts.bin"))) == 2
+
+
+def test_prediction_does_not_cascade(ckpts):
+    """One layer's hook predicts only the next `depth` MoE layers (a prediction must not
+    trigger the hooks of the layers it looks at)."""
+    lm = load_offloaded(ckpts["fp"], device="cpu", expert_cache=8, prefetch_depth=1, slow_tier="ram")
+    scheduled = []
+    original = lm.offload.cache.schedule_prefetch
+    lm.offload.cache.schedule_prefetch = lambda layer, experts: (scheduled.append(layer), original(layer, experts))
+    with torch.no_grad():
+        lm.model(torch.tensor([[5]]))
+    assert scheduled == [1, 2]  # from layer 0 (dense) for layer 1, from layer 1 for layer 2
+    lm.offload.close()

@@ -42,7 +42,9 @@ class Prefetcher:
         """The `width` experts layer `layer` would rank highest for residual `h` [T, D]
         (over several tokens: the most often ranked, most first)."""
         target = self.model.model.layers[layer]
-        probs = target.mlp.gate.probs(target.post_attention_layernorm(h))  # [T, E]
+        # .forward, not __call__: calling the norm would fire the prefetch hook on it, which
+        # would predict the layer after from this residual, and so on down the model
+        probs = target.mlp.gate.probs(target.post_attention_layernorm.forward(h))  # [T, E]
         ids = probs.topk(self.width, dim=-1).indices
         if ids.shape[0] == 1:  # decode: one token, already ordered
             return ids[0].tolist()
