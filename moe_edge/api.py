@@ -18,6 +18,7 @@ import torch
 from .checkpoint import CheckpointReader
 from .config import ModelConfig, load_config
 from .errors import ConfigError
+from .memory import trim_heap
 from .generation import GenerationResult, SamplingParams, TextStream, read_generation_config
 from .model import MoEForCausalLM
 from .model.weights import WeightMap, load_weights
@@ -67,6 +68,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     load_weights(model, weights, consumed, device=device, dtype=dtype)
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
+    trim_heap()
     if kernel == "auto" and model.quant_kernels.get("dequant"):
         reasons = sorted({m.reason for m in model.modules() if getattr(m, "kernel", "") == "dequant"})
         warnings.warn(f"{model.quant_kernels['dequant']} quantized layers use the slower "
@@ -197,6 +199,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
                                          top_k=config.top_k)
     plan = OffloadPlan(str(device), slow_tier, resident, kv, store.stride, L, E, config.top_k,
                        slots, margin, available)
+    trim_heap()
     cache = ExpertCache(store, layouts, index_of, slots, device, config.hidden_size,
                         config.moe_intermediate_size, policy, threaded)
     for layer, block in model.moe_blocks().items():

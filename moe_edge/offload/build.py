@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..memory import trim_heap
 from ..model.layers import MLP
 from ..model.weights import WeightMap
 from ..quant.format import QuantConfig
@@ -90,6 +91,7 @@ def _convert(weights, config, quant, device, dtype, kernel, slow_tier, folder, i
             store.write(index_of(layer, e), buf)
             layouts[(layer, e)] = layout
         weights.reader.release()  # unmap what this layer's experts touched
+        trim_heap()  # and give back the conversion temporaries
     if folder is not None:
         store.finish_writing()
         store.rename(folder / "experts.bin")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..memory import trim_heap
 from ..model.weights import WeightMap
 from .format import GPTQTensors, QuantConfig, check_tensors
 from .qlinear import QuantLinear
@@ -43,10 +44,14 @@ def install_quantized(model: nn.Module, weights: WeightMap, cfg: QuantConfig,
                       skip: Callable[[str], bool] = lambda prefix: False) -> set[str]:
     """Replace every Linear that the checkpoint stores quantised (except those `skip` names,
     e.g. offloaded experts); returns the model tensor names they cover."""
-    consumed = set()
+    consumed, layer = set(), None
     for prefix in quantized_prefixes(weights):
         if skip(prefix + "."):
             continue
+        if prefix.split(".mlp.")[0].split(".self_attn")[0] != layer:  # a new layer begins:
+            layer = prefix.split(".mlp.")[0].split(".self_attn")[0]
+            weights.reader.release()  # unmap the last one's pages and
+            trim_heap()  # return its conversion temporaries, so peak memory stays near the model
         try:
             module = model.get_submodule(prefix)
         except AttributeError:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import CheckpointReader, ShardedWriter
 from ..config import ModelConfig, load_config
 from ..errors import ConfigError, MoeEdgeError
+from ..memory import trim_heap
 from ..model.decoder import DecoderLayer
 from ..model.weights import WeightMap, expected_tensors, load_weights
 from ..tokenizer import load_tokenizer
@@ -173,6 +174,8 @@ class _Run:
             stored = self._write_layer(layer, lq)
             self.report["layers"].append(_layer_report(layer, lq, time.perf_counter() - t0, stored))
             self._checkpoint(layer + 1)
+            del module, lq
+            trim_heap()
             if progress:
                 progress(layer + 1, self.config.num_layers)
 

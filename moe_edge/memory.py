@@ -1,0 +1,32 @@
+"""Giving freed memory back to the operating system.
+
+Loading converts thousands of weights through short-lived temporaries; glibc keeps the freed
+heap, so a 9.5 GiB DeepSeek-MoE-16B-shaped model measured 14.4 GiB resident after load and
+9.8 GiB after `malloc_trim`. On a machine that cannot hold the model, that difference is
+the point of the project.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def trim_heap() -> bool:
+    """Return freed heap pages to the OS (glibc); a no-op elsewhere. True if it ran."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
