@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import psutil
 import torch
+from _machine import machine  # bench/ is on sys.path when a script runs
 
 from moe_edge.api import load_model, resolve_device
 from moe_edge.generation import SamplingParams, generate_ids
@@ -55,8 +55,7 @@ def main() -> None:
         "prefill_tps": round(statistics.median(r["prefill_tps"] for r in runs), 1),
         "decode_tps": round(statistics.median(r["decode_tps"] for r in runs), 1),
         "rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
-        "machine": f"{platform.machine()}, {psutil.cpu_count(logical=False)} cores, "
-                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}",
+        "machine": machine(),
     }))
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
-import psutil
 import torch
+from _machine import machine  # bench/ is on sys.path when a script runs
 import torch.nn.functional as F
 
 from moe_edge.quant.qlinear import QuantLinear
@@ -66,8 +65,7 @@ def main() -> None:
                          "bf16_over_int4": round(t_bf16 / t_int4, 2)})
     print(json.dumps({
         "device": str(device), "threads": torch.get_num_threads(), "results": rows,
-        "machine": f"{platform.machine()}, {psutil.cpu_count(logical=False)} cores, torch {torch.__version__}"
-                   + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+        "machine": machine(),
     }))
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 
-import psutil
 import torch
+from _machine import machine  # bench/ is on sys.path when a script runs
 
 from moe_edge.api import load, load_offloaded
 from moe_edge.evaluate import heldout_ids
@@ -77,8 +76,7 @@ def main() -> None:
         "model": args.model, "slow_tier": args.slow_tier, "experts": E, "top_k": k,
         "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
         "results": rows,
-        "machine": f"{platform.machine()}, {psutil.cpu_count(logical=False)} cores, "
-                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}",
+        "machine": machine(),
     }))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -21,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
+from _machine import machine  # bench/ is on sys.path when a script runs
 
 from moe_edge.checkpoint import ShardedWriter
 from moe_edge.config import config_from_dict
@@ -85,8 +84,7 @@ def main() -> None:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "summary": {k: result.report["summary"][k] for k in ("size_before_bytes", "size_after_bytes",
                                                              "bits_per_weight", "median_sqnr_db")},
-        "machine": f"{platform.machine()}, {psutil.cpu_count(logical=False)} cores, "
-                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}",
+        "machine": machine(),
     }))
 
 

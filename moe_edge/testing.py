@@ -141,21 +141,11 @@ def gptq_layer(w: torch.Tensor, group_size: int = 128, sym: bool = True, act_ord
     from .quant.gptq import quantize_rtn
     N, K = w.shape
     perm = torch.randperm(K, generator=torch.Generator().manual_seed(seed)) if act_order else torch.arange(K)
-    q_p, zeros, scales, g_p = quantize_rtn(w[:, perm], group_size, sym)
-    if not v2:
-        zeros = zeros.clamp(min=1)  # v1 cannot store a zero point of 0
-        q_p, zeros, scales, g_p = _requantize(w[:, perm], zeros, scales, g_p)
+    zero_range = (0, 15) if v2 else (1, 15)  # v1 cannot store a zero point of 0
+    q_p, zeros, scales, g_p = quantize_rtn(w[:, perm], group_size, sym, zero_range)
     q, g_idx = torch.empty_like(q_p), torch.empty_like(g_p)
     q[:, perm], g_idx[perm] = q_p, g_p
     return pack(q, zeros, scales, g_idx, v2=v2, bias=bias)
-
-
-def _requantize(w, zeros, scales, g_idx):
-    from .quant.gptq import quantize_columns
-    g = g_idx.long()
-    q = torch.stack([quantize_columns(w[:, k:k + 1], scales[g[k]], zeros[g[k]].float())[:, 0]
-                     for k in range(w.shape[1])], 1)
-    return q.to(torch.uint8), zeros, scales, g_idx
 
 
 def write_gptq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 128, sym: bool = True,
@@ -163,7 +153,6 @@ def write_gptq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 12
     """A GPTQ copy of checkpoint `src` (round-to-nearest): every Linear but routers and
     lm_head quantised, standard tensor names and quantization_config."""
     import json
-    import shutil
     from .api import load_model
     from .checkpoint import ShardedWriter
     from .model.weights import expected_tensors

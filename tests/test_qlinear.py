@@ -1,6 +1,5 @@
 """Each kernel path against dequantise-then-matmul, and GPTQ checkpoints loaded end to end."""
 
-import json
 import shutil
 
 import pytest

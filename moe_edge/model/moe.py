@@ -92,10 +92,9 @@ class MoEBlock(nn.Module):
         top_k = ids.shape[1]
         flat_ids = ids.reshape(-1)  # [N*A]
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.gate.weight.shape[0]).tolist()
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
+        counts = torch.bincount(flat_ids, minlength=self.gate.weight.shape[0])
+        starts = [0] + counts.cumsum(0).tolist()
+        counts = counts.tolist()
         token_of = order // top_k  # [N*A] token row of each sorted assignment
         weight_of = weights.reshape(-1)[order]
         out = torch.zeros_like(flat)

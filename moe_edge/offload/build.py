@@ -9,13 +9,12 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..memory import trim_heap
 from ..model.layers import MLP
-from ..model.weights import WeightMap
+from ..model.weights import WeightMap, load_weights
 from ..quant.format import QuantConfig
 from ..quant.load import read_gptq
 from ..quant.qlinear import QuantLinear
@@ -31,17 +30,12 @@ def expert_module(weights: WeightMap, config: ModelConfig, quant: QuantConfig | 
     with torch.device("meta"):
         module = MLP(config.hidden_size, config.moe_intermediate_size)
     for proj in PROJECTIONS:
-        meta: nn.Linear = getattr(module, proj)
         name = f"{prefix}.{proj}"
         if quant is not None and f"{name}.qweight" in weights:
-            tensors = read_gptq(weights, name, quant, meta)
+            tensors = read_gptq(weights, name, quant, getattr(module, proj))
             setattr(module, proj, QuantLinear.from_gptq(tensors, quant.v2, device, dtype, kernel))
-            continue
-        w = weights.get(f"{name}.weight")
-        if tuple(w.shape) != tuple(meta.weight.shape):
-            raise CheckpointError(f"{weights.reader.folder}: tensor {name}.weight has shape "
-                                  f"{list(w.shape)}, expected {list(meta.weight.shape)}")
-        meta.weight = nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+    # the 16-bit projections (a QuantLinear has no parameters, so it is skipped)
+    load_weights(module, weights, device=device, dtype=dtype, prefix=prefix + ".")
     return module
 
 

@@ -26,7 +26,7 @@ from ..model.decoder import DecoderLayer
 from ..model.layers import rotary_cos_sin
 from ..model.moe import MoEBlock
 from ..model.weights import MIXTRAL_PROJ
-from .gptq import GPTQResult, Hessian, gptq_quantize, output_error, rtn_result
+from .gptq import GPTQResult, Hessian, gptq_quantize, rtn_result
 
 # true-sequential order: each group is solved after the ones before it are quantised
 STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -133,13 +133,13 @@ class LayerQuantizer:
         module = self.linears[name]
         w = module.weight.data.float()
         o = self.opts
+        calibrated = H is not None and H.n > 0
         if method == "rtn":
-            res = rtn_result(w, o.group_size, o.sym, o.zero_range)
+            res = rtn_result(w, o.group_size, o.sym, o.zero_range, H.H if calibrated else None)
         else:
             res = gptq_quantize(w, H.H, o.group_size, o.sym, o.act_order, o.damp, zero_range=o.zero_range)
-        w_hat = _dequantize(res)
-        err = output_error(w, w_hat, H.H) if H is not None and H.n else float("nan")
-        module.weight.data.copy_(w_hat.to(module.weight.dtype))
+        module.weight.data.copy_(res.dequantize().to(module.weight.dtype))
+        err = res.loss if calibrated else float("nan")  # relative output error on its inputs
         self.results[name] = LinearResult(name, res, method, tokens, err, time.perf_counter() - t0)
 
     def _collect(self, names: list[str], hidden: torch.Tensor) -> dict[str, Hessian]:
@@ -186,11 +186,6 @@ def _accumulate(h: Hessian) -> Callable:
     def hook(module, args):
         h.add(args[0].detach())
     return hook
-
-
-def _dequantize(res: GPTQResult) -> torch.Tensor:
-    g = res.g_idx.long()
-    return (res.q.float() - res.zeros.T[:, g].float()) * res.scales.T[:, g].float()  # [N, K]
 
 
 def layer_rotary(config, seq_len: int, dtype=torch.float32):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -14,6 +15,7 @@ from .format import GPTQTensors, QuantConfig, check_tensors
 from .qlinear import QuantLinear
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
+_LAYER = re.compile(r"model\.layers\.\d+\.")
 
 
 def quantized_prefixes(weights: WeightMap) -> list[str]:
@@ -48,8 +50,9 @@ def install_quantized(model: nn.Module, weights: WeightMap, cfg: QuantConfig,
     for prefix in quantized_prefixes(weights):
         if skip(prefix + "."):
             continue
-        if prefix.split(".mlp.")[0].split(".self_attn")[0] != layer:  # a new layer begins:
-            layer = prefix.split(".mlp.")[0].split(".self_attn")[0]
+        this = _LAYER.match(prefix)
+        if this and this[0] != layer:  # a new layer begins:
+            layer = this[0]
             weights.reader.release()  # unmap the last one's pages and
             trim_heap()  # return its conversion temporaries, so peak memory stays near the model
         try:

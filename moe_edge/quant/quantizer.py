@@ -251,7 +251,8 @@ def _block_groups(names: set[str]) -> list[list[str]]:
 def _layer_report(layer: int, lq: LayerQuantizer, seconds: float, stored: dict[str, int]) -> dict:
     linears = {name: {"method": r.method, "tokens": r.tokens, "rel_error": _finite(r.rel_error),
                       "sqnr_db": _finite(r.sqnr_db), "damp": r.result.damp,
-                      "dead_columns": r.result.dead_columns, "params": r.result.q.numel(),
+                      "dead_columns": r.result.dead_columns, "seconds": round(r.seconds, 3),
+                      "params": r.result.q.numel(),
                       "bytes": stored[name]}
                for name, r in lq.results.items()}
     experts = [{"expert": e, "tokens": n,
