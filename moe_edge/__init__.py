@@ -6,7 +6,8 @@ the API is imported on first use.
 
 __version__ = "0.1.0"
 
-_LAZY = {"load": "api", "load_model": "api", "LoadedModel": "api",
+_LAZY = {"load": "api", "load_offloaded": "api", "load_auto": "api", "load_model": "api",
+         "LoadedModel": "api", "model_info": "info", "ChatSession": "chat",
          "SamplingParams": "generation", "GenerationResult": "generation",
          "ModelConfig": "config", "load_config": "config", "MoeEdgeError": "errors"}
 __all__ = ["__version__", *_LAZY]

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from .errors import ConfigError
 from .memory import trim_heap
 from .generation import GenerationResult, SamplingParams, TextStream, read_generation_config
 from .model import MoEForCausalLM
-from .model.weights import WeightMap, load_weights
+from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
 from .tokenizer import format_chat, load_tokenizer
@@ -175,7 +174,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     """
     from .offload.build import build_store
     from .offload.cache import ExpertCache
-    from .offload.plan import OffloadPlan, slots_for
+    from .offload.plan import OffloadPlan, available_memory, kv_cache_bytes, slots_for
     from .offload.policy import POLICIES
     from .offload.prefetch import Prefetcher
     path = Path(path)
@@ -188,15 +187,16 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     if slow_tier not in ("ram", "disk") or (slow_tier == "disk" and device.type != "cpu"):
         raise ConfigError(f"slow tier {slow_tier!r} with device {device.type}: use ram (any "
                           "device) or disk (with device cpu)")
+    available = available_memory(device)  # before the dense part takes its share
     model, weights, quant = _dense_part(path, config, device, dtype, kernel)
     store, layouts, index_of = build_store(weights, config, quant, device, dtype, kernel,
                                            slow_tier, offload_dir)
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * dtype.itemsize
+    kv = kv_cache_bytes(config, context, dtype)
     L, E = len(config.moe_layer_ids), config.num_experts
     slots, margin, available = slots_for(expert_cache, device=device, resident=resident, kv=kv,
                                          expert_bytes=store.stride, moe_layers=L, experts=E,
-                                         top_k=config.top_k)
+                                         top_k=config.top_k, available=available)
     plan = OffloadPlan(str(device), slow_tier, resident, kv, store.stride, L, E, config.top_k,
                        slots, margin, available)
     trim_heap()
@@ -206,9 +206,6 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
         block.experts = cache.provider(layer)
     prefetcher = Prefetcher(model, cache, prefetch_depth, prefetch_width) if prefetch_depth > 0 else None
     return _with_tokenizer(path, model, OffloadRuntime(cache, plan, prefetcher))
-
-
-_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")
 
 
 def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel):
@@ -221,8 +218,8 @@ def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel):
         block.experts = None
     quant = read_quant_config(path)
     consumed = install_quantized(model, weights, quant, device, dtype, kernel,
-                                 skip=lambda p: bool(_EXPERT.match(p))) if quant else set()
-    consumed |= {n for n in weights.sources if _EXPERT.match(n)}
+                                 skip=lambda p: bool(EXPERT.match(p))) if quant else set()
+    consumed |= {n for n in weights.sources if EXPERT.match(n)}
     load_weights(model, weights, consumed, device=device, dtype=dtype)
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
@@ -238,3 +235,20 @@ def load(path: str | Path, device: str | torch.device = "auto",
     """
     path = Path(path)
     return _with_tokenizer(path, load_model(path, device, dtype))
+
+
+def load_auto(path: str | Path, device: str | torch.device = "auto", expert_cache="auto",
+              dtype: str | torch.dtype | None = None, context: int = 4096, **offload) -> LoadedModel:
+    """Fully resident when `expert_cache` is "auto" and every expert fits the free memory,
+    else `load_offloaded` with the same settings. What `moe-edge chat` uses.
+
+    >>> lm = moe_edge.load_auto("deepseek-moe-16b-chat-gptq-w4g128")
+    >>> lm.offload is None  # True when it all fits
+    """
+    from .info import model_info
+    if expert_cache == "auto":
+        device_ = resolve_device(device)
+        info = model_info(path, device_, resolve_dtype(dtype, device_), "auto", context)
+        if info.plan is not None and info.plan.slots_per_layer == info.experts_per_layer:
+            return load(path, device, dtype)
+    return load_offloaded(path, device, expert_cache, dtype=dtype, context=context, **offload)

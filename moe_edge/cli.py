@@ -1,78 +1,306 @@
 """The `moe-edge` command: a thin shell over the library (parse, call, render).
 
 Heavy imports (torch, transformers) happen inside commands so that --help is instant.
-Model text goes to stdout; stats and errors to stderr.
+Model text goes to stdout; banners, stats and errors to stderr (cli_ui.py renders them).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from . import __version__
-from .errors import MoeEdgeError
+from .errors import ConfigError, MoeEdgeError
 
 
 class _Group(click.Group):
-    """Prints project errors as one line (the traceback only with -v/--verbose)."""
+    """Errors become one line on stderr; the traceback only with -v/--verbose."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
         except MoeEdgeError as e:
-            if ctx.params.get("verbose"):
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            self._fail(ctx, f"error: {e}")
+        except Exception as e:  # a bug, or an OS error we did not foresee: still one line
+            self._fail(ctx, f"error: {type(e).__name__}: {e} (run with -v for the traceback)")
+
+    @staticmethod
+    def _fail(ctx, line: str):
+        if ctx.meta.get("verbose"):
+            raise
+        click.echo(line, err=True)
+        sys.exit(1)
+
+
+def _set_verbose(ctx, _param, value):
+    if value:
+        ctx.meta["verbose"] = True
+
+
+def _options(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+VERBOSE = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
+                       is_eager=True, help="Show tracebacks on errors.")
+
+RUNTIME = _options(
+    click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto."),
+    click.option("--dtype", default=None, help="float32, bfloat16 or float16 [default: fp32 on "
+                 "CPU, bf16 on GPU]."),
+    click.option("--expert-cache", default="auto", show_default=True,
+                 help="Expert cache: a size (6GB, 512MB), a share of the experts (50%), slots "
+                 "per layer (16), or auto (all resident when they fit)."),
+    click.option("--prefetch-depth", type=click.IntRange(0, 8), default=1, show_default=True,
+                 help="Layers ahead whose experts are predicted and paged in early."),
+    click.option("--no-prefetch", is_flag=True, help="Same as --prefetch-depth 0."),
+    click.option("-t", "--threads", type=click.IntRange(1), default=None,
+                 help="CPU threads [default: the physical cores]."),
+    click.option("--offline", is_flag=True, help="Never download; a Hugging Face id must be cached."),
+)
+
+SAMPLING = _options(
+    click.option("--temp", type=float, default=None, help="Temperature; 0 is greedy."),
+    click.option("--top-p", type=float, default=None),
+    click.option("--top-k", type=int, default=None),
+    click.option("--min-p", type=float, default=None),
+    click.option("-n", "--max-tokens", type=int, default=None, help="Most new tokens per reply."),
+    click.option("-s", "--seed", type=int, default=None),
+    click.option("-c", "--ctx-size", type=click.IntRange(16), default=None,
+                 help="Context in tokens [default: the model's, at most 4096]."),
+    click.option("--system-prompt", default=None, help="System message for chat."),
+)
+
+OUTPUT = _options(
+    click.option("--stats/--no-stats", default=None,
+                 help="Speed, cache and memory line after each reply [default: on when interactive]."),
+    click.option("-q", "--quiet", is_flag=True, help="No banner or stats."),
+    VERBOSE,
+)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="moe-edge")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
-def main(verbose: bool) -> None:
-    """Run Mixture-of-Experts language models where they do not fit."""
+@VERBOSE
+def main() -> None:
+    """Run Mixture-of-Experts language models where they do not fit.
+
+    \b
+    moe-edge chat                     talk to the bundled demo model
+    moe-edge quantize MODEL           GPTQ 4-bit conversion, one layer at a time
+    moe-edge chat MODEL-gptq-w4g128   chat with experts offloaded to fit memory
+    """
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch, threads, offline,
+          ctx_size, demo_cache="50%"):
+    """(LoadedModel, ModelInfo, context, prefetch depth, note) for a MODEL argument."""
+    import torch
+    from .api import load_auto, resolve_device, resolve_dtype
+    from .hub import DEMO_NOTE, resolve_model
+    from .info import model_info
+    torch.set_num_threads(threads or _physical_cores())
+    is_demo = model in (None, "demo")
+    path = resolve_model(None if is_demo else model, offline)
+    if is_demo and expert_cache == "auto":
+        expert_cache = demo_cache  # the demo fits anywhere; offload anyway so the cache shows
+    expert_cache = int(expert_cache) if str(expert_cache).isdigit() else expert_cache
+    depth = 0 if no_prefetch else prefetch_depth
+    dev = resolve_device(device)
+    info = model_info(path, dev, resolve_dtype(dtype, dev), expert_cache)
+    context = min(ctx_size or 4096, info.max_context)
+    lm = load_auto(path, device, expert_cache, dtype=dtype, context=context, prefetch_depth=depth)
+    return lm, info, context, depth, DEMO_NOTE if is_demo else None
+
+
+def _physical_cores() -> int:
+    import psutil
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def _params(lm, temp, top_p, top_k, min_p, max_tokens, seed):
+    return lm.defaults.with_(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                             max_new_tokens=max_tokens, seed=seed)
+
+
+# --- chat and generate ---------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", required=False)
+@click.argument("prompt", required=False)
+@click.option("-i", "--interactive", is_flag=True, help="Take turns from stdin even when it is not a terminal.")
+@click.option("--json", "as_json", is_flag=True, help="One-shot: print the reply and stats as JSON.")
+@RUNTIME
+@SAMPLING
+@OUTPUT
+def chat(model, prompt, interactive, as_json, device, dtype, expert_cache, prefetch_depth,
+         no_prefetch, threads, offline, temp, top_p, top_k, min_p, max_tokens, seed, ctx_size,
+         system_prompt, stats, quiet):
+    """Talk to MODEL (a checkpoint folder, a Hugging Face id, or `demo`; default: the bundled
+    demo). With PROMPT, or text piped on stdin, answer once and exit."""
+    from .chat import ChatSession
+    from .cli_chat import Repl
+    from .cli_ui import banner
+    one_shot = prompt is not None or (not interactive and not sys.stdin.isatty())
+    lm, info, context, depth, note = _load(model, device, dtype, expert_cache, prefetch_depth,
+                                           no_prefetch, threads, offline, ctx_size)
+    session = ChatSession(lm, system_prompt, context,
+                          _params(lm, temp, top_p, top_k, min_p, max_tokens, seed))
+    if one_shot:
+        text = prompt if prompt is not None else sys.stdin.read()
+        _answer_once(session.ask(text.strip()), lm, bool(stats) and not quiet, as_json)
+        return
+    if not quiet:
+        click.echo(banner(info, lm, depth, note), err=True)
+    Repl(session, info, stats=(stats is not False) and not quiet).run()
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("model")
 @click.option("-p", "--prompt", required=True, help="Prompt text, or - to read stdin.")
 @click.option("--raw", is_flag=True, help="Complete the text as is, without the chat template.")
-@click.option("-n", "--max-tokens", type=int, default=None, help="Most new tokens.")
-@click.option("--temp", type=float, default=None, help="Temperature; 0 is greedy.")
-@click.option("--top-p", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--min-p", type=float, default=None)
-@click.option("-s", "--seed", type=int, default=None)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print text and stats as JSON.")
-def generate(model, prompt, raw, max_tokens, temp, top_p, top_k, min_p, seed, device, dtype, as_json):
-    """One-shot completion of PROMPT with MODEL (a checkpoint folder)."""
-    from .api import load
+@RUNTIME
+@SAMPLING
+@OUTPUT
+def generate(model, prompt, raw, as_json, device, dtype, expert_cache, prefetch_depth, no_prefetch,
+             threads, offline, temp, top_p, top_k, min_p, max_tokens, seed, ctx_size,
+             system_prompt, stats, quiet):
+    """One-shot completion of PROMPT with MODEL, for scripts (stats on stderr)."""
+    from .chat import ChatSession, Reply
     text = sys.stdin.read() if prompt == "-" else prompt
-    lm = load(model, device=device, dtype=dtype)
-    sampling = dict(max_new_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
-                    min_p=min_p, seed=seed)
-    ids = lm.encode(text) if raw else None
-    stream = lm.stream(ids, **sampling) if raw else lm.chat_stream(
-        [{"role": "user", "content": text}], **sampling)
-    for piece in stream:
+    lm, _, context, _, _ = _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch,
+                                 threads, offline, ctx_size)
+    session = ChatSession(lm, system_prompt, context,
+                          _params(lm, temp, top_p, top_k, min_p, max_tokens, seed))
+    reply = Reply(session, lm.encode(text), 0) if raw else session.ask(text)
+    _answer_once(reply, lm, stats is not False and not quiet, as_json)
+
+
+def _answer_once(reply, lm, stats: bool, as_json: bool) -> None:
+    from .cli_ui import echo_json, turn_stats
+    from .memory import peak_memory
+    for piece in reply:
         if not as_json:
             click.echo(piece, nl=False)
-    result = stream.result
+    result, offload = reply.result, lm.offload_stats()
     if as_json:
-        click.echo(json.dumps(result.to_dict()))
+        echo_json({**result.to_dict(), "offload": offload.total.summary() if offload else None,
+                   "peak_bytes": peak_memory(lm.model.device)})
+        return
+    click.echo()
+    if stats:
+        click.echo(turn_stats(result, offload, peak_memory(lm.model.device)), err=True)
+
+
+# --- info and bench ------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--devices", is_flag=True, help="List the CPU and GPUs with their free memory.")
+@click.option("--expert-cache", default="auto", show_default=True, help="Plan for this cache size.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default=None)
+@click.option("-c", "--ctx-size", type=click.IntRange(16), default=4096, show_default=True)
+@click.option("--offline", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@VERBOSE
+def info(model, devices, expert_cache, device, dtype, ctx_size, offline, as_json):
+    """Architecture, parameters (total and active), experts, quantization and memory plan
+    of MODEL (default: the bundled demo), read from headers only."""
+    from . import cli_ui
+    from .api import resolve_device, resolve_dtype
+    from .hub import resolve_model
+    from .info import model_info
+    dev = resolve_device(device)
+    cache = int(expert_cache) if expert_cache.isdigit() else expert_cache
+    result = model_info(resolve_model(None if model in (None, "demo") else model, offline), dev,
+                        resolve_dtype(dtype, dev), cache, ctx_size)
+    found = _devices() if devices else None
+    if as_json:
+        cli_ui.echo_json({**result.to_dict(), **({"devices": found} if found else {})})
+        return
+    click.echo(cli_ui.info_text(result))
+    if found:
+        click.echo(cli_ui.devices_text(found))
+
+
+def _devices() -> list[dict]:
+    import platform
+
+    import psutil
+    import torch
+    vm = psutil.virtual_memory()
+    found = [{"name": "cpu", "description": f"{platform.processor() or platform.machine()}, "
+              f"{_physical_cores()} cores", "free_bytes": vm.available, "total_bytes": vm.total}]
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        found.append({"name": f"cuda:{i}", "description": torch.cuda.get_device_name(i),
+                      "free_bytes": free, "total_bytes": total})
+    return found
+
+
+@main.command()
+@click.argument("model")
+@click.option("--expert-cache", default="25%,50%,100%", show_default=True, help="Comma-separated sizes.")
+@click.option("--prefetch-depth", default="0,1", show_default=True, help="Comma-separated depths.")
+@click.option("-p", "--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("-n", "--new-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("-r", "--repeats", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default=None)
+@click.option("-t", "--threads", type=click.IntRange(1), default=None)
+@click.option("--offline", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@VERBOSE
+def bench(model, expert_cache, prefetch_depth, prompt_tokens, new_tokens, repeats, device, dtype,
+          threads, offline, as_json):
+    """Prompt and decode tokens/s of MODEL over expert-cache sizes and prefetch depths."""
+    import torch
+    from . import cli_ui
+    from .benchmark import sweep
+    from .hub import resolve_model
+    torch.set_num_threads(threads or _physical_cores())
+    caches = [int(c) if c.isdigit() else c for c in expert_cache.split(",") if c]
+    try:
+        depths = [int(d) for d in prefetch_depth.split(",") if d]
+    except ValueError:
+        raise ConfigError(f"--prefetch-depth {prefetch_depth!r}: give integers like 0,1,2") from None
+    path = resolve_model(None if model == "demo" else model, offline)
+    say = None if as_json else (lambda row: click.echo(
+        f"cache {row['expert_cache']}, prefetch {row['prefetch_depth']}: "
+        f"{row['decode_tps']:.2f} tok/s", err=True))
+    rows = sweep(path, caches, depths, prompt_tokens, new_tokens, repeats, device, dtype, progress=say)
+    if as_json:
+        cli_ui.echo_json({"model": str(path), "machine": _machine(), "rows": rows})
     else:
-        click.echo()
-        click.echo(f"[{result.prompt_tokens} prompt tokens, {result.prompt_tps:.1f} tok/s | "
-                   f"{result.generated_tokens} generated, {result.decode_tps:.1f} tok/s]", err=True)
+        click.echo(cli_ui.bench_table(rows))
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+def _machine() -> dict:
+    import platform
 
+    import psutil
+    import torch
+    return {"cpu": platform.processor() or platform.machine(), "cores": _physical_cores(),
+            "threads": torch.get_num_threads(), "ram_bytes": psutil.virtual_memory().total,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# --- quantize ------------------------------------------------------------------------------
 
 @main.command()
 @click.argument("model", type=click.Path())
@@ -97,29 +325,35 @@ def _gib(n: int) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or summary as JSON.")
+@VERBOSE
 def quantize(model, out, bits, group_size, sym, act_order, damp, method, calib, calib_samples,
              calib_seq_len, min_expert_tokens, expert_fallback, seed, device, dry_run, overwrite,
              resume, as_json):
     """GPTQ 4-bit conversion of MODEL (a Hugging Face checkpoint folder), one layer at a time."""
+    from . import cli_ui
     from .quant import quantizer as q
     options = q.QuantizeOptions(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                                 damp=damp, method=method, calib=calib, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len, min_expert_tokens=min_expert_tokens,
                                 expert_fallback=expert_fallback, seed=seed, device=device)
     if dry_run:
-        _render_plan(q.plan(model, out, options), as_json)
+        plan = q.plan(model, out, options)
+        cli_ui.echo_json(plan) if as_json else click.echo(cli_ui.quantize_plan(plan))
         return
-    with _layer_progress() as progress:
+    with _LayerProgress() as progress:
         try:
             result = q.quantize(model, out, options, overwrite=overwrite, resume=resume,
                                 progress=progress)
         except KeyboardInterrupt:
             click.echo("\ninterrupted; run the same command with --resume to continue", err=True)
             sys.exit(130)
-    _render_summary(result, as_json)
+    if as_json:
+        cli_ui.echo_json({"out": str(result.out), **result.report["summary"]})
+    else:
+        click.echo(cli_ui.quantize_summary(result))
 
 
-class _layer_progress:
+class _LayerProgress:
     """A tqdm bar over layers on a terminal; nothing when stderr is not one."""
 
     def __enter__(self):
@@ -135,37 +369,3 @@ class _layer_progress:
     def __exit__(self, *exc):
         self.bar.close()
 
-
-def _render_plan(plan: dict, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(plan, indent=2))
-        return
-    click.echo(f"model        {plan['model']} ({plan['model_type']}, {plan['layers']} layers, "
-               f"{plan['moe_layers']} MoE x {plan['experts_per_layer']} experts, top-{plan['top_k']})")
-    click.echo(f"quantize     {plan['quantized_params'] / 1e6:.1f}M parameters to "
-               f"{plan['settings']['bits']} bits, group {plan['settings']['group_size']}, "
-               f"{'sym' if plan['settings']['sym'] else 'asym'}, act-order "
-               f"{'on' if plan['settings']['desc_act'] else 'off'}")
-    click.echo(f"keep 16-bit  {plan['unquantized_params'] / 1e6:.1f}M parameters (embeddings, "
-               "routers, norms, lm_head)")
-    click.echo(f"calibration  {plan['calibration']}")
-    click.echo(f"size         {_gib(plan['size_before_bytes'])} -> about {_gib(plan['projected_size_bytes'])}")
-    click.echo(f"output       {plan['out']}")
-
-
-def _render_summary(result, as_json: bool) -> None:
-    s = result.report["summary"]
-    if as_json:
-        click.echo(json.dumps({"out": str(result.out), **s}, indent=2))
-        return
-    click.echo(f"wrote        {result.out}")
-    click.echo(f"size         {_gib(s['size_before_bytes'])} -> {_gib(s['size_after_bytes'])} "
-               f"({s['bits_per_weight']} bits per quantized weight)")
-    click.echo(f"SQNR         median {s['median_sqnr_db']} dB, worst {s['worst_sqnr_db']} dB "
-               f"({s['worst_module']})")
-    fallback = s["fallback_experts"]
-    click.echo(f"fallback     {len(fallback)} experts" + (f": {', '.join(fallback[:5])}"
-                                                        + (" ..." if len(fallback) > 5 else "") if fallback else ""))
-    click.echo(f"time         {result.report['total_seconds']} s, peak memory {s['peak_rss_mib']} MiB")
-    click.echo(f"report       {result.out / 'quantization_report.json'}")
-    click.echo(f"next         moe-edge generate {result.out} -p \"Hello\"")

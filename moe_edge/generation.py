@@ -205,7 +205,7 @@ class TextStream:
             if emitted < len(text):
                 piece, emitted = text[emitted:], len(text)
                 yield piece
-        except GeneratorExit:
+        except (GeneratorExit, KeyboardInterrupt):  # closed early, or Ctrl-C inside the model
             reason = "interrupted"
             text = text[:emitted]
             raise

@@ -30,3 +30,14 @@ def trim_heap() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def peak_memory(device=None) -> int:
+    """Peak bytes so far: GPU memory allocated on a CUDA device, else the process's peak RSS."""
+    if device is not None and getattr(device, "type", device) == "cuda":
+        import torch
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux

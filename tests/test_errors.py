@@ -107,5 +107,5 @@ def test_cli_generate_runs(tiny_deepseek):
     result = CliRunner().invoke(main, ["generate", str(tiny_deepseek), "-p", "hi", "-n", "5",
                                        "--temp", "0", "--json"])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads(result.stdout)
     assert out["generated_tokens"] <= 5 and out["prompt_tokens"] > 0

@@ -22,6 +22,8 @@ from ..errors import CheckpointError
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 # transformers 5 in-memory layout some tools save: [E, 2I, D] gate then up, and [E, D, I].
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+# A routed expert's tensors, in the model's names (every family is renamed to this).
+EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")
 
 
 def _deepseek(name: str) -> str:
@@ -86,6 +88,16 @@ class WeightMap:
 
     def __contains__(self, name: str) -> bool:
         return name in self.sources
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of model tensor `name` without reading it."""
+        src = self.sources[name]
+        shape = list(self.reader.shape(src.name))
+        if src.expert is not None:
+            shape = shape[1:]
+        if src.rows is not None:
+            shape[0] = src.rows[1] - src.rows[0]
+        return tuple(shape)
 
     def get(self, name: str) -> torch.Tensor:
         src = self.sources.get(name)

@@ -59,7 +59,7 @@ class OffloadPlan:
         return (f"device {self.device}: dense part {mib(self.resident_bytes)}, KV cache "
                 f"{mib(self.kv_cache_bytes)}, expert cache {self.slots_per_layer}/"
                 f"{self.experts_per_layer} experts x {self.moe_layers} layers = {mib(self.cache_bytes)} "
-                f"({self.resident_fraction:.0%}); other experts in {self.slow_tier} "
+                f"({self.resident_fraction:.0%}); every expert stored in {self.slow_tier} "
                 f"({mib(self.store_bytes)})")
 
 
@@ -69,19 +69,29 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def kv_cache_bytes(config, context: int, dtype: torch.dtype) -> int:
+    """Keys and values for `context` tokens, every layer, batch 1."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * dtype.itemsize
+
+
 def slots_for(expert_cache, *, device: torch.device, resident: int, kv: int, expert_bytes: int,
-              moe_layers: int, experts: int, top_k: int) -> tuple[int, int, int | None]:
-    """(slots per layer, margin bytes, available bytes) for an `expert_cache` setting."""
-    margin, available = 0, None
+              moe_layers: int, experts: int, top_k: int,
+              available: int | None = None) -> tuple[int, int, int | None]:
+    """(slots per layer, margin bytes, available bytes) for an `expert_cache` setting.
+
+    "auto" budgets `available` (free memory measured before anything was loaded; measured
+    now when None) minus the dense part, the KV cache and a margin.
+    """
+    margin, seen = 0, None
     if isinstance(expert_cache, int):
         slots = expert_cache
     elif isinstance(expert_cache, str) and expert_cache.strip().endswith("%"):
-        slots = round(experts * float(expert_cache.strip()[:-1]) / 100)
+        slots = round(experts * _percent(expert_cache) / 100)
     else:
         if expert_cache == "auto":
-            available = available_memory(device)
-            margin = max(512 * 2**20, available // 10)
-            budget = available - resident - kv - margin
+            seen = available_memory(device) if available is None else available
+            margin = max(512 * 2**20, seen // 10)
+            budget = seen - resident - kv - margin
         else:
             budget = parse_size(expert_cache)
         slots = min(experts, max(0, budget) // (expert_bytes * moe_layers))
@@ -89,5 +99,15 @@ def slots_for(expert_cache, *, device: torch.device, resident: int, kv: int, exp
         need = top_k * expert_bytes * moe_layers
         raise ConfigError(f"expert cache too small: {slots} slots per layer, but top-k is {top_k}; "
                           f"the minimum is {need / 2**20:,.1f} MiB ({top_k} experts x {moe_layers} "
-                          "layers)" + (f"; {available / 2**20:,.1f} MiB is free" if available else ""))
-    return min(slots, experts), margin, available
+                          "layers)" + (f"; {seen / 2**20:,.1f} MiB is free" if seen else ""))
+    return min(slots, experts), margin, seen
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.strip()[:-1])
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 100:
+        raise ConfigError(f"expert cache {text!r}: a percentage must be in (0, 100]")
+    return value

@@ -1,0 +1,73 @@
+"""Prompt and decode throughput over expert-cache sizes and prefetch depths: `moe-edge bench`.
+
+Each setting loads the model offloaded, warms the cache with a short generation, then runs
+`repeats` greedy generations of a held-out prompt; rows report medians.
+
+>>> rows = sweep("model-gptq-w4g128", caches=["25%", "100%"], depths=[0, 1])
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+from pathlib import Path
+from typing import Callable, Sequence
+
+import psutil
+import torch
+
+from .api import load_offloaded
+from .evaluate import heldout_ids
+from .memory import trim_heap
+
+
+def sweep(path: str | Path, caches: Sequence[str] = ("25%", "50%", "100%"),
+          depths: Sequence[int] = (0, 1, 2), prompt_tokens: int = 128, new_tokens: int = 64,
+          repeats: int = 3, device: str = "auto", dtype=None, slow_tier: str = "auto",
+          offload_dir=None, progress: Callable[[dict], None] | None = None) -> list[dict]:
+    rows = []
+    for cache in caches:
+        for depth in depths:
+            row = _measure(path, cache, depth, prompt_tokens, new_tokens, repeats, device, dtype,
+                           slow_tier, offload_dir)
+            rows.append(row)
+            if progress:
+                progress(row)
+    return rows
+
+
+def _measure(path, cache, depth, prompt_tokens, new_tokens, repeats, device, dtype, slow_tier,
+             offload_dir) -> dict:
+    lm = load_offloaded(path, device, cache, prefetch_depth=depth, dtype=dtype, slow_tier=slow_tier,
+                        context=prompt_tokens + new_tokens + 8, offload_dir=offload_dir)
+    try:
+        prompt = _prompt(lm.tokenizer, prompt_tokens)
+        lm.generate(prompt, temperature=0, max_new_tokens=4, eos_token_ids=())  # warm the cache
+        lm.reset_offload_stats()
+        if lm.model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        runs = [lm.generate(prompt, temperature=0, max_new_tokens=new_tokens, eos_token_ids=())
+                for _ in range(repeats)]
+        total = lm.offload_stats().total
+        plan = lm.offload.plan
+        memory = (torch.cuda.max_memory_allocated() if lm.model.device.type == "cuda"
+                  else psutil.Process().memory_info().rss)
+        return {"expert_cache": cache, "slots_per_layer": plan.slots_per_layer,
+                "experts_per_layer": plan.experts_per_layer, "prefetch_depth": depth,
+                "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats,
+                "prompt_tps": statistics.median(r.prompt_tps for r in runs),
+                "decode_tps": statistics.median(r.decode_tps for r in runs),
+                "hit_rate": total.hit_rate, "prefetch_recall": total.prefetch_recall,
+                "bytes_paged": total.bytes_moved // repeats,
+                "stall_seconds": total.stall_seconds / repeats, "peak_bytes": memory}
+    finally:
+        lm.offload.close()
+        del lm
+        gc.collect()
+        trim_heap()
+
+
+def _prompt(tokenizer, n: int) -> list[int]:
+    """n tokens of held-out text (repeated if the text is shorter)."""
+    ids = heldout_ids(tokenizer, max_tokens=n).tolist()
+    return (ids * (n // len(ids) + 1))[:n]

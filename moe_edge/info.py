@@ -1,0 +1,105 @@
+"""What a checkpoint is and where it would go, read from its headers without loading it:
+parameters (total and active per token), bytes per expert, quantization, the memory plan.
+
+>>> info = model_info("deepseek-moe-16b-chat-gptq-w4g128", expert_cache="4GB")
+>>> info.active_params / 1e9, info.plan.slots_per_layer
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointReader
+from .config import load_config
+from .errors import ConfigError
+from .model.weights import EXPERT, WeightMap
+from .offload.plan import OffloadPlan, kv_cache_bytes, slots_for
+from .quant.format import read_quant_config
+
+_QUANT_AUX = (".qzeros", ".scales", ".g_idx")
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    model_type: str
+    layers: int
+    moe_layers: int
+    experts_per_layer: int
+    top_k: int
+    hidden_size: int
+    vocab_size: int
+    max_context: int
+    total_params: int
+    active_params: int  # per token: everything but the routed experts, plus top-k of them
+    checkpoint_bytes: int
+    dense_bytes: int  # what stays resident, at the runtime dtype
+    expert_bytes: int  # one routed expert, at the runtime dtype or as quantized
+    quantization: dict | None
+    plan: OffloadPlan | None  # None when the expert cache setting cannot fit top-k
+    plan_error: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["plan"] = self.plan.to_dict() if self.plan else None
+        return d
+
+
+def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               expert_cache="auto", context: int = 4096, slow_tier: str | None = None) -> ModelInfo:
+    """Sizes from tensor headers (nothing is read but the headers) and the plan
+    `load_offloaded` would make for `expert_cache` on `device`."""
+    path, device = Path(path), torch.device(device)
+    config, quant = load_config(path), read_quant_config(path)
+    weights = WeightMap(CheckpointReader(path), config)
+    total = active = dense = experts_total = checkpoint = 0
+    for name in weights.sources:
+        numel = math.prod(weights.shape(name))
+        stored = numel * weights.reader.itemsize(weights.sources[name].name)
+        params = _params(name, numel, quant.bits if quant else 16)
+        runtime = stored if _is_quantized(name) else numel * dtype.itemsize
+        checkpoint += stored
+        total += params
+        if EXPERT.match(name):
+            experts_total += runtime
+        else:
+            active += params
+            dense += runtime
+    L, E, k = len(config.moe_layer_ids), config.num_experts, config.top_k
+    expert_bytes = experts_total // (L * E)
+    active += (total - active) * k // E
+    info = ModelInfo(str(path), config.model_type, config.num_layers, L, E, k, config.hidden_size,
+                     config.vocab_size, config.max_position_embeddings, total, active, checkpoint,
+                     dense, expert_bytes, _quant_summary(quant), None)
+    context = min(context, config.max_position_embeddings)
+    kv = kv_cache_bytes(config, context, dtype)
+    try:
+        slots, margin, seen = slots_for(expert_cache, device=device, resident=dense, kv=kv,
+                                        expert_bytes=expert_bytes, moe_layers=L, experts=E, top_k=k)
+    except ConfigError as e:
+        info.plan_error = str(e)
+        return info
+    tier = slow_tier or ("ram" if device.type == "cuda" else "disk")
+    info.plan = OffloadPlan(str(device), tier, dense, kv, expert_bytes, L, E, k, slots, margin, seen)
+    return info
+
+
+def _is_quantized(name: str) -> bool:
+    return name.endswith(".qweight") or name.endswith(_QUANT_AUX)
+
+
+def _params(name: str, numel: int, bits: int) -> int:
+    if name.endswith(".qweight"):
+        return numel * (32 // bits)  # int32 words of packed weights
+    return 0 if name.endswith(_QUANT_AUX) else numel
+
+
+def _quant_summary(quant) -> dict | None:
+    if quant is None:
+        return None
+    return {"method": quant.quant_method, "bits": quant.bits, "group_size": quant.group_size,
+            "sym": quant.sym, "desc_act": quant.desc_act, "format": quant.checkpoint_format}
