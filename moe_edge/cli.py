@@ -104,16 +104,22 @@ def main() -> None:
 
 # --- loading -------------------------------------------------------------------------------
 
-def _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch, threads, offline,
-          ctx_size, demo_cache="50%"):
-    """(LoadedModel, ModelInfo, context, prefetch depth, note) for a MODEL argument."""
+def _resolve(model: str | None, offline: bool):
+    """(folder, is_demo) for a MODEL argument: None or `demo` is the bundled demo."""
+    from .hub import resolve_model
+    is_demo = model in (None, "demo")
+    return resolve_model(None if is_demo else model, offline), is_demo
+
+
+def _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch, threads, ctx_size,
+          demo_cache="50%"):
+    """(LoadedModel, ModelInfo, context, prefetch depth, note) for a resolved (folder, is_demo)."""
     import torch
     from .api import load_auto, resolve_device, resolve_dtype
-    from .hub import DEMO_NOTE, resolve_model
+    from .hub import DEMO_NOTE
     from .info import model_info
     torch.set_num_threads(threads or _physical_cores())
-    is_demo = model in (None, "demo")
-    path = resolve_model(None if is_demo else model, offline)
+    path, is_demo = model
     if is_demo and expert_cache == "auto":
         expert_cache = demo_cache  # the demo fits anywhere; offload anyway so the cache shows
     expert_cache = int(expert_cache) if str(expert_cache).isdigit() else expert_cache
@@ -153,14 +159,18 @@ def chat(model, prompt, interactive, as_json, device, dtype, expert_cache, prefe
     from .chat import ChatSession
     from .cli_chat import Repl
     from .cli_ui import banner
+    model = _resolve(model, offline)
     one_shot = prompt is not None or (not interactive and not sys.stdin.isatty())
+    text = (prompt if prompt is not None else sys.stdin.read()).strip() if one_shot else ""
+    if one_shot and not text:
+        raise ConfigError("nothing to answer: the prompt is empty (run `moe-edge chat` in a "
+                          "terminal for a conversation)")
     lm, info, context, depth, note = _load(model, device, dtype, expert_cache, prefetch_depth,
-                                           no_prefetch, threads, offline, ctx_size)
+                                           no_prefetch, threads, ctx_size)
     session = ChatSession(lm, system_prompt, context,
                           _params(lm, temp, top_p, top_k, min_p, max_tokens, seed))
     if one_shot:
-        text = prompt if prompt is not None else sys.stdin.read()
-        _answer_once(session.ask(text.strip()), lm, bool(stats) and not quiet, as_json)
+        _answer_once(session.ask(text), lm, bool(stats) and not quiet, as_json)
         return
     if not quiet:
         click.echo(banner(info, lm, depth, note), err=True)
@@ -180,9 +190,10 @@ def generate(model, prompt, raw, as_json, device, dtype, expert_cache, prefetch_
              system_prompt, stats, quiet):
     """One-shot completion of PROMPT with MODEL, for scripts (stats on stderr)."""
     from .chat import ChatSession, Reply
+    model = _resolve(model, offline)
     text = sys.stdin.read() if prompt == "-" else prompt
     lm, _, context, _, _ = _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch,
-                                 threads, offline, ctx_size)
+                                 threads, ctx_size)
     session = ChatSession(lm, system_prompt, context,
                           _params(lm, temp, top_p, top_k, min_p, max_tokens, seed))
     reply = Reply(session, lm.encode(text), 0) if raw else session.ask(text)
@@ -222,12 +233,10 @@ def info(model, devices, expert_cache, device, dtype, ctx_size, offline, as_json
     of MODEL (default: the bundled demo), read from headers only."""
     from . import cli_ui
     from .api import resolve_device, resolve_dtype
-    from .hub import resolve_model
     from .info import model_info
     dev = resolve_device(device)
     cache = int(expert_cache) if expert_cache.isdigit() else expert_cache
-    result = model_info(resolve_model(None if model in (None, "demo") else model, offline), dev,
-                        resolve_dtype(dtype, dev), cache, ctx_size)
+    result = model_info(_resolve(model, offline)[0], dev, resolve_dtype(dtype, dev), cache, ctx_size)
     found = _devices() if devices else None
     if as_json:
         cli_ui.echo_json({**result.to_dict(), **({"devices": found} if found else {})})
@@ -271,14 +280,13 @@ def bench(model, expert_cache, prefetch_depth, prompt_tokens, new_tokens, repeat
     import torch
     from . import cli_ui
     from .benchmark import sweep
-    from .hub import resolve_model
     torch.set_num_threads(threads or _physical_cores())
     caches = [int(c) if c.isdigit() else c for c in expert_cache.split(",") if c]
     try:
         depths = [int(d) for d in prefetch_depth.split(",") if d]
     except ValueError:
         raise ConfigError(f"--prefetch-depth {prefetch_depth!r}: give integers like 0,1,2") from None
-    path = resolve_model(None if model == "demo" else model, offline)
+    path = _resolve(model, offline)[0]
     say = None if as_json else (lambda row: click.echo(
         f"cache {row['expert_cache']}, prefetch {row['prefetch_depth']}: "
         f"{row['decode_tps']:.2f} tok/s", err=True))

@@ -32,8 +32,9 @@ def resolve_model(spec: str | None, offline: bool = False, cache_dir: str | Path
             raise CheckpointError(f"{spec}: is a file; give the checkpoint folder (with config.json)")
         return path
     if not _HF_ID.match(spec):
-        raise CheckpointError(f"{spec}: no such model folder; give a checkpoint folder or a "
-                              "Hugging Face id like deepseek-ai/deepseek-moe-16b-chat")
+        raise CheckpointError(f"{spec}: no such model folder; give a checkpoint folder, a Hugging "
+                              "Face id like deepseek-ai/deepseek-moe-16b-chat, or demo (the "
+                              "bundled model: moe-edge chat demo \"your prompt\")")
     return _from_hub(spec, offline, cache_dir)
 
 
