@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .memory import trim_heap
 from .generation import GenerationResult, SamplingParams, TextStream, read_generation_config
 from .model import MoEForCausalLM
+from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
@@ -65,14 +66,21 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     quant = read_quant_config(path)
     consumed = install_quantized(model, weights, quant, device, dtype, kernel) if quant else set()
     load_weights(model, weights, consumed, device=device, dtype=dtype)
-    model.quant_config = quant
-    model.quant_kernels = kernel_summary(model)
+    _finish(model, quant, device, dtype)
     trim_heap()
     if kernel == "auto" and model.quant_kernels.get("dequant"):
         reasons = sorted({m.reason for m in model.modules() if getattr(m, "kernel", "") == "dequant"})
         warnings.warn(f"{model.quant_kernels['dequant']} quantized layers use the slower "
                       f"dequantize-then-matmul path ({'; '.join(reasons)})", stacklevel=2)
     return model.eval()
+
+
+def _finish(model: MoEForCausalLM, quant, device: torch.device, dtype: torch.dtype) -> None:
+    """Record the quantization; a GPTQ model on the CPU keeps its embeddings and lm_head in
+    bf16 when they came so from the checkpoint (its other layers are 4-bit anyway)."""
+    model.quant_config = quant
+    model.quant_kernels = kernel_summary(model)
+    model.kept_bf16 = keep_bf16(model, dtype) if quant and device.type == "cpu" and dtype == torch.float32 else []
 
 
 @dataclass
@@ -221,8 +229,7 @@ def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel):
                                  skip=lambda p: bool(EXPERT.match(p))) if quant else set()
     consumed |= {n for n in weights.sources if EXPERT.match(n)}
     load_weights(model, weights, consumed, device=device, dtype=dtype)
-    model.quant_config = quant
-    model.quant_kernels = kernel_summary(model)
+    _finish(model, quant, device, dtype)
     return model.eval(), weights, quant
 
 

@@ -64,3 +64,25 @@ def test_tied_embeddings(tmp_path):
     path = write_checkpoint(tmp_path / "tied", "deepseek", tokenizer=False, tie_word_embeddings=True)
     model = load_model(path, device="cpu")
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_gptq_model_keeps_bf16_head_only_when_exact(tiny_deepseek, tmp_path):
+    """A bf16 checkpoint's embeddings and lm_head stay bf16 on the CPU (half the bytes, the
+    same weights); an fp32 checkpoint's are not rounded."""
+    from moe_edge.api import load_model
+    from moe_edge.hub import DEMO
+    from moe_edge.testing import write_gptq_checkpoint
+    demo = load_model(DEMO, device="cpu")
+    assert demo.kept_bf16 == ["lm_head", "model.embed_tokens"]
+    assert demo.lm_head.weight.dtype == torch.bfloat16 and demo.dtype == torch.float32
+    ids = torch.arange(3, 200)[None]
+    with torch.no_grad():
+        fast = demo(ids)
+        demo.lm_head.__class__ = torch.nn.Linear
+        demo.lm_head.weight.data = demo.lm_head.weight.data.float()
+        exact = demo(ids)
+    assert fast.dtype == torch.float32
+    assert ((fast - exact).norm() / exact.norm()).item() < 1e-2
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean().item() >= 0.97
+    fp32 = write_gptq_checkpoint(tiny_deepseek, tmp_path / "q")
+    assert load_model(fp32, device="cpu").kept_bf16 == []

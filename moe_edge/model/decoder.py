@@ -58,7 +58,8 @@ class MoEForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The activations' dtype (the embeddings may be stored narrower, see keep_bf16)."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:

@@ -88,19 +88,28 @@ class MoEBlock(nn.Module):
         return out.view(shape)
 
     def routed(self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Group tokens by expert: one call per active expert on all of its tokens."""
-        top_k = ids.shape[1]
+        """Group tokens by expert: one call per active expert on all of its tokens.
+
+        Outputs land in a buffer with one row per (token, slot) and are summed over the k
+        slots in a fixed order, so the result does not depend on the order experts arrive
+        in (an offloading provider yields cached ones first). No scatter-add: on the CPU
+        `index_add_` costs milliseconds per call once another process competes for a core.
+        """
+        N, A = ids.shape
+        if N == 1:  # decode: k experts, one token
+            slot = {e: i for i, e in enumerate(ids[0].tolist())}
+            ys = flat.new_empty(A, flat.shape[1])  # [A, D]
+            for e, expert in self.experts.experts_for(sorted(slot)):
+                ys[slot[e]] = expert(flat)[0]
+            return (weights[0, :, None] * ys).sum(0, keepdim=True)
         flat_ids = ids.reshape(-1)  # [N*A]
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.gate.weight.shape[0])
         starts = [0] + counts.cumsum(0).tolist()
-        counts = counts.tolist()
-        token_of = order // top_k  # [N*A] token row of each sorted assignment
-        weight_of = weights.reshape(-1)[order]
-        out = torch.zeros_like(flat)
-        active = [e for e, c in enumerate(counts) if c]
+        token_of = order // A  # [N*A] token row of each sorted assignment
+        ys = flat.new_empty(N * A, flat.shape[1])  # [N*A, D] in expert order
+        active = [e for e, c in enumerate(counts.tolist()) if c]
         for e, expert in self.experts.experts_for(active):
-            rows = token_of[starts[e]:starts[e + 1]]
-            y = expert(flat[rows]) * weight_of[starts[e]:starts[e + 1], None]
-            out.index_add_(0, rows, y)
-        return out
+            ys[starts[e]:starts[e + 1]] = expert(flat[token_of[starts[e]:starts[e + 1]]])
+        ys = ys.index_select(0, torch.argsort(order)).view(N, A, -1)  # back to [N, A, D]
+        return (weights[..., None] * ys).sum(1)
