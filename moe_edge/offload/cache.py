@@ -177,10 +177,13 @@ class ExpertCache:
         return slot.module
 
     # --- prefetch ----------------------------------------------------------------------
-    def schedule_prefetch(self, layer: int, experts: list[int]) -> None:
-        """Queued, and issued after the current layer's own loads (so they go first)."""
+    def schedule_prefetch(self, layer: int, experts: list[int], now: bool = False) -> None:
+        """Queued, and issued after the current layer's own loads (so they go first);
+        `now` issues at once (between layers, when no layer is loading its own)."""
         self._prefetch_queue.append((layer, experts))
-        self.layers[layer].predicted = set(experts)
+        self.layers[layer].predicted |= set(experts)
+        if now:
+            self._issue_prefetches()
 
     def _issue_prefetches(self) -> None:
         queue, self._prefetch_queue = self._prefetch_queue, []
