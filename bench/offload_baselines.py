@@ -1,0 +1,331 @@
+"""moe-edge's expert offloading against what users otherwise run: same model, same memory
+budget, CPU only, slow tier on disk. Prints JSON (and writes it with --out).
+
+    python bench/offload_baselines.py --shape small --repeats 3 --out build/bench_baselines_small.json
+    flock /tmp/moe-edge-heavy.lock python bench/offload_baselines.py --shape 16b --repeats 3 \\
+        --out build/bench_baselines_16bshape.json
+
+The model is a random Qwen2-MoE in DeepSeek-MoE's shapes (bench/_baseline_model.py), bf16 on
+disk, run in fp32 by every engine (the CPU default of moe-edge; PyTorch's bf16 CPU matmuls are
+slow, DESIGN.md). The budget is the dense part plus `--fraction` of the routed experts, in
+fp32 bytes. Engines, each in its own subprocess (so resident memory is its own), alternated
+within every repeat:
+
+- moe-edge: `load_offloaded(expert_cache=fraction, prefetch_depth=1, slow_tier="disk")`.
+- naive: the same dense part and the same disk store, no cache: every routed expert is read
+  from the store each time a token uses it (one scratch buffer, pages dropped after each read).
+- accelerate: transformers + accelerate, `device_map="auto"`, `max_memory={"cpu": budget}`,
+  `offload_folder` (what does not fit goes to memory-mapped files on disk).
+- accelerate-experts (optional): an explicit device_map that keeps every dense module in RAM
+  and puts the expert modules of the last MoE layers on disk, as many as the budget needs:
+  the best placement accelerate can do at its granularity (one fused tensor per layer).
+
+Reported per engine: decode tokens/s (median of repeats), load seconds, resident memory after
+decoding (RSS, anonymous part) and peak, bytes the process read from storage (/proc/self/io
+read_bytes) and in total through read() (rchar), and the engine's own count of expert bytes
+moved, all over the decode steps only (after the prompt's prefill), like tokens/s. Ratios are
+of medians, moe-edge over each baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from _baseline_model import sizes, write_model  # bench/ is on sys.path when a script runs
+from _machine import machine
+
+ENGINES = ("moe-edge", "naive", "accelerate", "accelerate-experts")
+
+
+# --- engines (run inside a worker subprocess) ------------------------------------------------
+class UncachedExperts:
+    """ExpertProvider with no cache: each routed expert is read from the slow tier every time
+    it is used, into one scratch buffer shared by all layers (the block computes an expert
+    before asking for the next, so one buffer is enough)."""
+
+    def __init__(self, store, layouts, index_of, layer: int, hidden: int, width: int, scratch, counter):
+        self.store, self.layouts, self.index_of, self.layer = store, layouts, index_of, layer
+        self.hidden, self.width, self.scratch, self.counter = hidden, width, scratch, counter
+
+    def experts_for(self, ids):
+        from moe_edge.offload.store import expert_from_buffer
+        for e in ids:
+            self.store.read_into(self.index_of(self.layer, e), self.scratch)
+            self.counter["bytes"] += self.store.stride
+            yield e, expert_from_buffer(self.layouts[(self.layer, e)], self.scratch, self.hidden, self.width)
+
+
+class MoeEdge:
+    """moe-edge's own decoder; `cached` False swaps the expert cache for UncachedExperts."""
+
+    def __init__(self, path: Path, fraction: float, store_dir: Path, cached: bool):
+        from moe_edge.api import load_offloaded
+        from moe_edge.config import load_config
+        cfg = load_config(path)
+        if cached:
+            self.lm = load_offloaded(path, device="cpu", expert_cache=f"{fraction * 100:g}%",
+                                     prefetch_depth=1, slow_tier="disk", offload_dir=store_dir)
+        else:  # top-k slots that are never touched (so never resident): only the store is used
+            self.lm = load_offloaded(path, device="cpu", expert_cache=cfg.top_k, prefetch_depth=0,
+                                     slow_tier="disk", offload_dir=store_dir)
+        self.model, self.counter = self.lm.model, {"bytes": 0}
+        cache = self.lm.offload.cache
+        if not cached:
+            cache.close()  # its loader thread; the store stays open
+            scratch = torch.empty(cache.store.stride, dtype=torch.uint8)
+            for layer, block in self.model.moe_blocks().items():
+                block.experts = UncachedExperts(cache.store, cache.layouts, cache.index_of, layer,
+                                                cfg.hidden_size, cfg.moe_intermediate_size, scratch, self.counter)
+        self.cached = cached
+
+    def info(self) -> dict:
+        plan = self.lm.offload.plan.to_dict()
+        keep = ("resident_bytes", "kv_cache_bytes", "expert_bytes", "slots_per_layer", "cache_bytes",
+                "store_bytes", "resident_fraction") if self.cached else ("resident_bytes", "expert_bytes", "store_bytes")
+        return {"plan": {k: plan[k] for k in keep}, "dtype": str(self.model.dtype).removeprefix("torch.")}
+
+    def reset(self) -> None:
+        self.lm.reset_offload_stats()
+        self.counter["bytes"] = 0
+
+    def generate(self, prompt: list[int], new_tokens: int, after_prefill=None) -> tuple[list[int], float]:
+        from moe_edge.generation import SamplingParams, generate_ids
+        timings: dict = {}
+        params = SamplingParams(temperature=0, max_new_tokens=new_tokens, eos_token_ids=())
+        tokens = []
+        for token in generate_ids(self.model, prompt, params, len(prompt) + new_tokens, timings):
+            tokens.append(token)
+            if len(tokens) == 1 and after_prefill:
+                after_prefill()
+        return tokens, (len(tokens) - 1) / timings["decode_seconds"]
+
+    def moved(self) -> dict:
+        if not self.cached:
+            return {"expert_bytes_read": self.counter["bytes"]}
+        s = self.lm.offload_stats().total
+        return {"expert_bytes_read": s.bytes_moved, "hit_rate": round(s.hit_rate, 3),
+                "prefetch_precision": round(s.prefetch_precision, 3),
+                "prefetch_recall": round(s.prefetch_recall, 3), "stall_s": round(s.stall_seconds, 3)}
+
+
+class Accelerate:
+    """transformers' Qwen2MoeForCausalLM placed by accelerate (RAM, and disk for the rest)."""
+
+    def __init__(self, path: Path, budget: int, offload_dir: Path, experts_only: bool, cfg: dict):
+        from transformers import Qwen2MoeForCausalLM
+        kw = {"device_map": "auto", "max_memory": {"cpu": budget}}
+        if experts_only:
+            kw = {"device_map": experts_device_map(cfg, budget)}
+        self.model = Qwen2MoeForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                          offload_folder=str(offload_dir), **kw).eval()
+        self.offload_dir = offload_dir
+
+    def info(self) -> dict:
+        dm = getattr(self.model, "hf_device_map", {}) or {}
+        placed = {}
+        for name, dev in dm.items():
+            placed.setdefault(str(dev), []).append(name)
+        disk_bytes = sum(f.stat().st_size for f in self.offload_dir.rglob("*") if f.is_file())
+        params = {n: p for n, p in self.model.named_parameters()}
+        cpu_bytes = sum(p.numel() * p.element_size() for p in params.values() if p.device.type == "cpu")
+        return {"device_map_counts": {d: len(v) for d, v in placed.items()},
+                "device_map": {d: _compact(v) for d, v in placed.items()},
+                "offload_folder_bytes": disk_bytes, "dtype": "float32",
+                "params_on_cpu_bytes": cpu_bytes}
+
+    def reset(self) -> None:
+        pass
+
+    def generate(self, prompt: list[int], new_tokens: int, after_prefill=None) -> tuple[list[int], float]:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        class Stamp(LogitsProcessor):  # called once per new token, right after its forward
+            def __init__(self):
+                self.times = []
+
+            def __call__(self, input_ids, scores):
+                if not self.times and after_prefill:
+                    after_prefill()
+                self.times.append(time.perf_counter())
+                return scores
+
+        stamp = Stamp()
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=1,
+                                      logits_processor=LogitsProcessorList([stamp]))
+        t = stamp.times
+        return out[0, len(prompt):].tolist(), (len(t) - 1) / (t[-1] - t[0])
+
+    def moved(self) -> dict:
+        return {}
+
+
+def experts_device_map(cfg: dict, budget: int) -> dict:
+    """Everything in RAM except the fused expert modules of the last MoE layers, on disk, as
+    few layers as the budget allows (accelerate cannot split one layer's fused experts)."""
+    s = sizes(cfg)
+    per_layer = s["routed_expert_bytes"] // s["moe_layers"]
+    fit = max(0, (budget - s["dense_bytes"]) // per_layer)
+    moe = [l for l in range(cfg["num_hidden_layers"]) if l not in cfg["mlp_only_layers"]]
+    on_disk = set(moe[int(fit):])
+    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}"
+        if l not in on_disk:
+            dm[p] = "cpu"
+            continue
+        for child in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate",
+                      "mlp.shared_expert", "mlp.shared_expert_gate"):
+            dm[f"{p}.{child}"] = "cpu"
+        dm[f"{p}.mlp.experts"] = "disk"
+    return dm
+
+
+def _compact(names: list[str]) -> list[str]:
+    return names if len(names) <= 12 else names[:6] + [f"... {len(names) - 12} more ..."] + names[-6:]
+
+
+def _io() -> dict:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(": ") for line in f)}
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    cfg = json.loads((args.model / "config.json").read_text())
+    prompt = torch.randint(2, cfg["vocab_size"], (args.prompt_tokens,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hf-offload-", dir=args.work) as tmp:
+        if args.worker in ("moe-edge", "naive"):
+            engine = MoeEdge(args.model, args.fraction, args.work / "store", cached=args.worker == "moe-edge")
+        else:
+            engine = Accelerate(args.model, args.budget, Path(tmp), args.worker == "accelerate-experts", cfg)
+        load_s = time.perf_counter() - t0
+        rss_loaded = psutil.Process().memory_info().rss
+        engine.generate(prompt, 8)  # warm-up: fills caches the way a session would
+        io0 = {}
+
+        def after_prefill():  # counters cover the decode steps only, as tokens/s does
+            engine.reset()
+            io0.update(_io())
+
+        tokens, tps = engine.generate(prompt, args.new_tokens, after_prefill)
+        io1 = _io()
+        mem = psutil.Process().memory_info()
+        return {"engine": args.worker, "decode_tps": tps, "load_s": round(load_s, 1),
+                "tokens": tokens, "rss_loaded_bytes": rss_loaded, "rss_bytes": mem.rss,
+                "rss_anon_bytes": mem.rss - mem.shared,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "storage_read_bytes": io1["read_bytes"] - io0["read_bytes"],
+                "rchar_bytes": io1["rchar"] - io0["rchar"], **engine.moved(), **engine.info()}
+
+
+# --- the driver ------------------------------------------------------------------------------
+def run_engine(args, engine: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--model", str(args.model), "--work", str(args.work),
+           "--budget", str(args.budget), "--fraction", str(args.fraction), "--threads", str(args.threads),
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    print(f"[{time.strftime('%H:%M:%S')}] {engine} ...", file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = p.stderr.strip().splitlines()[-15:]
+        print("\n".join(tail), file=sys.stderr)
+        return {"engine": engine, "error": tail[-1] if tail else f"exit {p.returncode}", "stderr_tail": tail}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    print(f"    {r['decode_tps']:.2f} tok/s, rss {r['rss_bytes'] / 2**30:.2f} GiB, load {r['load_s']} s",
+          file=sys.stderr, flush=True)
+    return r
+
+
+def summarise(runs: list[dict], args, cfg: dict, s: dict) -> dict:
+    out, first = {}, {}
+    for engine in args.engines:
+        mine = [r for r in runs if r["engine"] == engine]
+        ok = [r for r in mine if "error" not in r]
+        if not ok:
+            out[engine] = {"error": mine[0]["error"], "stderr_tail": mine[0]["stderr_tail"]}
+            continue
+        last = ok[-1]
+        first[engine] = ok[0]["tokens"]
+        n = args.new_tokens
+        out[engine] = {
+            "decode_tps": round(statistics.median(r["decode_tps"] for r in ok), 3),
+            "decode_tps_runs": [round(r["decode_tps"], 3) for r in ok],
+            "load_s": statistics.median(r["load_s"] for r in ok),
+            **{k: round(statistics.median(r[k] for r in ok) / 2**20, 1) for k in
+               ("rss_loaded_bytes", "rss_bytes", "rss_anon_bytes", "peak_rss_bytes")},
+            "storage_read_mib_per_token": round(statistics.median(r["storage_read_bytes"] for r in ok) / (n - 1) / 2**20, 1),
+            "rchar_mib_per_token": round(statistics.median(r["rchar_bytes"] for r in ok) / (n - 1) / 2**20, 1),
+            **({"expert_mib_read_per_token": round(statistics.median(r["expert_bytes_read"] for r in ok) / (n - 1) / 2**20, 1)}
+               if "expert_bytes_read" in last else {}),
+            **{k: v for k, v in last.items() if k in ("hit_rate", "prefetch_precision", "prefetch_recall",
+                                                       "stall_s", "plan", "dtype", "device_map_counts",
+                                                       "device_map", "offload_folder_bytes", "params_on_cpu_bytes")},
+        }
+        out[engine] = {k.replace("_bytes", "_mib") if k.startswith(("rss", "peak")) else k: v
+                       for k, v in out[engine].items()}
+    ratios = {}
+    if "decode_tps" in out.get("moe-edge", {}):
+        for other in args.engines:
+            if other != "moe-edge" and "decode_tps" in out[other]:
+                ratios[f"moe-edge/{other}"] = round(out["moe-edge"]["decode_tps"] / out[other]["decode_tps"], 2)
+    same = {f"moe-edge=={o}": first["moe-edge"] == t for o, t in first.items() if o != "moe-edge"} if "moe-edge" in first else {}
+    return {"model": str(args.model), "shape": args.shape, "config": {k: cfg[k] for k in (
+                "hidden_size", "num_hidden_layers", "num_experts", "moe_intermediate_size", "num_experts_per_tok",
+                "shared_expert_intermediate_size", "num_attention_heads", "vocab_size")},
+            "fp32_sizes": s, "budget_bytes": args.budget, "budget_rule": f"dense + {args.fraction:g} x routed experts (fp32)",
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "threads": args.threads, "order": "engines alternated, rotated each repeat, one subprocess per run",
+            "results": out, "ratios": ratios, "same_greedy_tokens": same, "machine": machine()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["small", "16b"], default="small")
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint folder (default build/baselines/<shape>)")
+    ap.add_argument("--work", type=Path, default=Path("build/baselines"), help="store and offload folders")
+    ap.add_argument("--fraction", type=float, default=0.5, help="routed experts the budget holds")
+    ap.add_argument("--budget", type=int, default=None, help="bytes (default: dense + fraction x experts, fp32)")
+    ap.add_argument("--engines", default="moe-edge,naive,accelerate,accelerate-experts")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    args.model = args.model or write_model(args.work / args.shape, args.shape)
+    cfg = json.loads((args.model / "config.json").read_text())
+    s = sizes(cfg)
+    args.budget = args.budget or int(s["dense_bytes"] + args.fraction * s["routed_expert_bytes"])
+    args.engines = args.engines.split(",")
+    runs = []
+    for i in range(args.repeats):
+        for engine in args.engines[i % len(args.engines):] + args.engines[:i % len(args.engines)]:
+            runs.append(run_engine(args, engine))
+    result = summarise(runs, args, cfg, s)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
