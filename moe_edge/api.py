@@ -51,11 +51,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto",
-               dtype: str | torch.dtype | None = None, kernel: str = "auto") -> MoEForCausalLM:
+               dtype: str | torch.dtype | None = None, kernel: str = "auto",
+               bf16_head: bool = True) -> MoEForCausalLM:
     """The model alone (no tokenizer), every weight resident on `device`.
 
     GPTQ checkpoints get 4-bit layers; `kernel` is "auto" (int4 where the shape allows,
     else dequantise-then-matmul, reported in `model.quant_kernels`), "int4" or "dequant".
+    `bf16_head`: on the CPU, a GPTQ model's embeddings and lm_head stay bf16 when exact
+    (see `keep_bf16`); False keeps them in `dtype`.
     """
     config = load_config(path)
     device = resolve_device(device)
@@ -66,7 +69,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     quant = read_quant_config(path)
     consumed = install_quantized(model, weights, quant, device, dtype, kernel) if quant else set()
     load_weights(model, weights, consumed, device=device, dtype=dtype)
-    _finish(model, quant, device, dtype)
+    _finish(model, quant, device, dtype, bf16_head)
     trim_heap()
     if kernel == "auto" and model.quant_kernels.get("dequant"):
         reasons = sorted({m.reason for m in model.modules() if getattr(m, "kernel", "") == "dequant"})
@@ -75,12 +78,14 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     return model.eval()
 
 
-def _finish(model: MoEForCausalLM, quant, device: torch.device, dtype: torch.dtype) -> None:
+def _finish(model: MoEForCausalLM, quant, device: torch.device, dtype: torch.dtype,
+            bf16_head: bool = True) -> None:
     """Record the quantization; a GPTQ model on the CPU keeps its embeddings and lm_head in
     bf16 when they came so from the checkpoint (its other layers are 4-bit anyway)."""
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
-    model.kept_bf16 = keep_bf16(model, dtype) if quant and device.type == "cpu" and dtype == torch.float32 else []
+    cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+    model.kept_bf16 = keep_bf16(model, dtype) if quant and cpu_fp32 and bf16_head else []
 
 
 @dataclass
