@@ -72,6 +72,18 @@ class MoEForCausalLM(nn.Module):
         capacity = capacity or self.config.max_position_embeddings
         return KVCache(self.config, batch, capacity, self.dtype, self.device)
 
+    def _rotary(self, start: int, T: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, Hd] for positions start..start+T, from a table built once (per
+        device and dtype) instead of six small ops per decode step."""
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].shape[0] < start + T or table[0].device != x.device \
+                or table[0].dtype != x.dtype:
+            n = max(2 * (start + T), 4096)  # grows by doubling; a 128K-position table is 128 MiB
+            positions = torch.arange(n, device=x.device)
+            table = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            self._rope_table = table
+        return table[0][start:start + T], table[1][start:start + T]
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with last_only) for `input_ids` [B, T].
@@ -81,8 +93,7 @@ class MoEForCausalLM(nn.Module):
         start = cache.length if cache is not None else 0
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = self._rotary(start, T, x)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, start)
         if cache is not None:

@@ -66,6 +66,10 @@ def _inner_k_tiles(K: int) -> int:
     return next(t for t in (8, 4, 2) if K % (t * 16) == 0)
 
 
+_INT4_MM = {"int4-cpu": torch.ops.aten._weight_int4pack_mm_for_cpu,
+            "int4-cuda": torch.ops.aten._weight_int4pack_mm}
+
+
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ bias) with W stored in 4 bits.
 
@@ -135,19 +139,20 @@ class QuantLinear(nn.Module):
         return (q - zeros) * self.scales.T[:, self.g_idx]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)  # [M, K]
+        # decode calls this hundreds of times per token: no work that is not needed
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
         if self.kernel == "dequant":
-            y = F.linear(x2, self.weight_dequantized())
+            y = F.linear(x2.to(self.scales.dtype), self.weight_dequantized())
         else:
+            x2 = x2.to(self.scale_zeros.dtype)
             if self.perm is not None:
                 x2 = x2.index_select(1, self.perm)
-            mm = (torch.ops.aten._weight_int4pack_mm if self.kernel == "int4-cuda"
-                  else torch.ops.aten._weight_int4pack_mm_for_cpu)
-            y = mm(x2.contiguous(), self.packed, self.group, self.scale_zeros)
+            elif not x2.is_contiguous():
+                x2 = x2.contiguous()
+            y = _INT4_MM[self.kernel](x2, self.packed, self.group, self.scale_zeros)
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
