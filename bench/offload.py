@@ -4,7 +4,8 @@
 
 For each expert-cache size (100%, 50%, 25%, top-k slots) and prefetch setting (off; next
 layer, top-k wide; next layer, 2 x top-k wide) it
-decodes the same text (a held-out document, teacher-forced prompt then greedy decode) and
+decodes the same held-out text (a prompt, then one token per step following the text:
+routing is that of real text, not of a greedy loop; see evaluate.forced_decode) and
 reports tokens/s, its ratio to the resident model, hit rate, prefetch precision and
 recall, bytes paged in and time stalled. Runs alternate with the resident baseline so that
 noise on a shared machine hits both alike.
@@ -20,12 +21,13 @@ import torch
 from _machine import machine  # bench/ is on sys.path when a script runs
 
 from moe_edge.api import load, load_offloaded
-from moe_edge.evaluate import heldout_ids
+from moe_edge.evaluate import forced_decode, heldout_ids
 
 
-def decode_tps(lm, prompt: list[int], new_tokens: int) -> float:
-    r = lm.generate(prompt, temperature=0, max_new_tokens=new_tokens, eos_token_ids=())
-    return r.decode_tps
+def decode_tps(lm, text: list[int], prompt_tokens: int) -> float:
+    """Decode tokens/s while following held-out text (see evaluate.forced_decode)."""
+    _, seconds = forced_decode(lm.model, text, prompt_tokens)
+    return (len(text) - prompt_tokens) / seconds
 
 
 def main() -> None:
@@ -44,7 +46,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     resident = load(args.model, device="cpu")
-    prompt = heldout_ids(resident.tokenizer, max_tokens=args.prompt_tokens).tolist()
+    text = heldout_ids(resident.tokenizer, max_tokens=args.prompt_tokens + args.new_tokens).tolist()
+    prompt = text[:args.prompt_tokens]
     E, k = resident.config.num_experts, resident.config.top_k
     rows = []
     settings = {"0": (0, None), "1x": (1, k), "2x": (1, 2 * k)}
@@ -53,12 +56,12 @@ def main() -> None:
             lm = load_offloaded(args.model, device="cpu", expert_cache=cache, prefetch_depth=depth,
                                 prefetch_width=width, slow_tier=args.slow_tier,
                                 offload_dir=args.offload_dir)
-            decode_tps(lm, prompt, 8)  # warm-up: fills the cache the way a session would
+            decode_tps(lm, text[:args.prompt_tokens + 8], args.prompt_tokens)  # warm-up
             lm.reset_offload_stats()
             base, off = [], []
             for _ in range(args.repeats):
-                base.append(decode_tps(resident, prompt, args.new_tokens))
-                off.append(decode_tps(lm, prompt, args.new_tokens))
+                base.append(decode_tps(resident, text, args.prompt_tokens))
+                off.append(decode_tps(lm, text, args.prompt_tokens))
             s = lm.offload_stats().total
             rows.append({"expert_cache": cache if isinstance(cache, str) else f"{cache} slots (top-k)",
                          "slots_per_layer": lm.offload.plan.slots_per_layer, "prefetch_depth": depth,

@@ -1,7 +1,8 @@
 """Prompt and decode throughput over expert-cache sizes and prefetch depths: `moe-edge bench`.
 
-Each setting loads the model offloaded, warms the cache with a short generation, then runs
-`repeats` greedy generations of a held-out prompt; rows report medians.
+Each setting loads the model offloaded, warms the cache, then `repeats` times prefills a
+held-out prompt and decodes the text after it one token per step (following the text, so
+that routing is that of real text: evaluate.forced_decode); rows report medians.
 
 >>> rows = sweep("model-gptq-w4g128", caches=["25%", "100%"], depths=[0, 1])
 """
@@ -17,7 +18,7 @@ import psutil
 import torch
 
 from .api import load_offloaded
-from .evaluate import heldout_ids
+from .evaluate import forced_decode, heldout_ids
 from .memory import trim_heap
 
 
@@ -41,22 +42,21 @@ def _measure(path, cache, depth, prompt_tokens, new_tokens, repeats, device, dty
     lm = load_offloaded(path, device, cache, prefetch_depth=depth, dtype=dtype, slow_tier=slow_tier,
                         context=prompt_tokens + new_tokens + 8, offload_dir=offload_dir)
     try:
-        prompt = _prompt(lm.tokenizer, prompt_tokens)
-        lm.generate(prompt, temperature=0, max_new_tokens=4, eos_token_ids=())  # warm the cache
+        text = _text(lm.tokenizer, prompt_tokens + new_tokens)
+        forced_decode(lm.model, text[:prompt_tokens + 4], prompt_tokens)  # warm the cache
         lm.reset_offload_stats()
         if lm.model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        runs = [lm.generate(prompt, temperature=0, max_new_tokens=new_tokens, eos_token_ids=())
-                for _ in range(repeats)]
+        runs = [forced_decode(lm.model, text, prompt_tokens) for _ in range(repeats)]
         total = lm.offload_stats().total
         plan = lm.offload.plan
         memory = (torch.cuda.max_memory_allocated() if lm.model.device.type == "cuda"
                   else psutil.Process().memory_info().rss)
         return {"expert_cache": cache, "slots_per_layer": plan.slots_per_layer,
                 "experts_per_layer": plan.experts_per_layer, "prefetch_depth": depth,
-                "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats,
-                "prompt_tps": statistics.median(r.prompt_tps for r in runs),
-                "decode_tps": statistics.median(r.decode_tps for r in runs),
+                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+                "prompt_tps": prompt_tokens / statistics.median(p for p, _ in runs),
+                "decode_tps": new_tokens / statistics.median(d for _, d in runs),
                 "hit_rate": total.hit_rate, "prefetch_recall": total.prefetch_recall,
                 "bytes_paged": total.bytes_moved // repeats,
                 "stall_seconds": total.stall_seconds / repeats, "peak_bytes": memory}
@@ -67,7 +67,7 @@ def _measure(path, cache, depth, prompt_tokens, new_tokens, repeats, device, dty
         trim_heap()
 
 
-def _prompt(tokenizer, n: int) -> list[int]:
+def _text(tokenizer, n: int) -> list[int]:
     """n tokens of held-out text (repeated if the text is shorter)."""
     ids = heldout_ids(tokenizer, max_tokens=n).tolist()
     return (ids * (n // len(ids) + 1))[:n]

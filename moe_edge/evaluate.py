@@ -42,3 +42,23 @@ def mean_nll(model, stream: torch.Tensor, seq_len: int = 256, batch: int = 8) ->
 
 def perplexity(model, stream: torch.Tensor, seq_len: int = 256, batch: int = 8) -> float:
     return math.exp(mean_nll(model, stream, seq_len, batch))
+
+
+@torch.inference_mode()
+def forced_decode(model, ids, prompt_tokens: int) -> tuple[float, float]:
+    """Prefill `ids[:prompt_tokens]`, then feed the rest one token per step through the KV
+    cache, as decoding does, but following real text. -> (prefill seconds, decode seconds).
+
+    Offload benchmarks use this instead of greedy generation: a small model's greedy output
+    soon repeats itself, and a loop reuses the same experts (the demo's greedy continuation
+    showed a 0.93 expert-cache hit rate at 50% where real text gives 0.63).
+    """
+    import time
+    ids = torch.as_tensor(ids, device=model.device).reshape(1, -1)
+    cache = model.new_cache(batch=1, capacity=ids.shape[1])
+    t0 = time.perf_counter()
+    model(ids[:, :prompt_tokens], cache, last_only=True)
+    t1 = time.perf_counter()
+    for i in range(prompt_tokens, ids.shape[1]):
+        model(ids[:, i:i + 1], cache, last_only=True)
+    return t1 - t0, time.perf_counter() - t1
