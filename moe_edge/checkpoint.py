@@ -104,9 +104,13 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.file_of(name)).get_slice(name).get_shape())
 
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype string ("BF16", "F32", "I32", ...), from the header."""
+        return self._open(self.file_of(name)).get_slice(name).get_dtype()
+
     def itemsize(self, name: str) -> int:
         """Bytes per element as stored (without reading the tensor)."""
-        dtype = self._open(self.file_of(name)).get_slice(name).get_dtype()
+        dtype = self.stored_dtype(name)
         return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
 
     def get(self, name: str) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .offload.plan import OffloadPlan, kv_cache_bytes, slots_for
 from .quant.format import read_quant_config
 
 _QUANT_AUX = (".qzeros", ".scales", ".g_idx")
+_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 @dataclass
@@ -57,11 +58,16 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     config, quant = load_config(path), read_quant_config(path)
     weights = WeightMap(CheckpointReader(path), config)
     total = active = dense = experts_total = checkpoint = 0
+    # what api.load_model keeps in bf16 (keep_bf16): a GPTQ model's head on the CPU in fp32
+    head16 = quant is not None and device.type == "cpu" and dtype == torch.float32
     for name in weights.sources:
         numel = math.prod(weights.shape(name))
-        stored = numel * weights.reader.itemsize(weights.sources[name].name)
+        source = weights.sources[name].name
+        stored = numel * weights.reader.itemsize(source)
         params = _params(name, numel, quant.bits if quant else 16)
         runtime = stored if _is_quantized(name) else numel * dtype.itemsize
+        if head16 and name in _HEAD and weights.reader.stored_dtype(source) == "BF16":
+            runtime = stored
         checkpoint += stored
         total += params
         if EXPERT.match(name):

@@ -182,3 +182,15 @@ def test_interrupted_reply_keeps_its_text(tiny_deepseek):
     assert reply.result.finish_reason == "interrupted"
     assert session.messages[-1] == {"role": "assistant", "content": reply.result.text}
     assert reply.result.text.startswith(first)
+
+
+def test_info_predicts_the_loaded_size_of_the_demo():
+    """Header-only sizes, including the bf16 head a GPTQ model keeps on the CPU, within 5%
+    of what load_model actually holds."""
+    from moe_edge.api import load_model
+    from moe_edge.hub import DEMO
+    info = model_info(DEMO)
+    model = load_model(DEMO, device="cpu")
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    predicted = info.dense_bytes + info.moe_layers * info.experts_per_layer * info.expert_bytes
+    assert abs(predicted - held) / held < 0.05
