@@ -125,39 +125,3 @@ def test_bad_quantized_tensors_named(gptq_ckpt, tmp_path, name, value, message):
     edit_weights(dst, lambda t: t.__setitem__(name, value))
     with pytest.raises(CheckpointError, match=message):
         load_model(dst, device="cpu")
-
-
-@pytest.mark.parametrize("width", [64, 128, 1408])
-def test_fused_gate_up_is_bitwise_the_same(width):
-    """One int4 matmul for gate and up gives exactly the two separate results."""
-    from moe_edge.model.layers import MLP
-    from moe_edge.quant.qlinear import fuse_gate_up
-    mlp = MLP(128, width)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        w = getattr(mlp, name).weight.detach()
-        setattr(mlp, name, QuantLinear.from_gptq(gptq_layer(w, group_size=64, act_order=False),
-                                                 v2=False, device=torch.device("cpu")))
-    x = torch.randn(3, 5, 128)
-    separate = mlp(x)
-    assert fuse_gate_up(mlp) and mlp.gate_proj is None
-    assert torch.equal(mlp(x), separate)
-    odd = MLP(128, 32)
-    for name in ("gate_proj", "up_proj"):
-        setattr(odd, name, QuantLinear.from_gptq(gptq_layer(getattr(odd, name).weight.detach(), group_size=64),
-                                                 v2=False, device=torch.device("cpu")))
-    assert not fuse_gate_up(odd)  # width 32: the kernel's column blocking would change the bits
-
-
-def test_demo_offloaded_equals_resident_with_fused_resident_experts():
-    from moe_edge import load, load_offloaded
-    from moe_edge.hub import DEMO
-    ref, lm = load(DEMO, device="cpu"), load_offloaded(DEMO, device="cpu", expert_cache="25%")
-    try:
-        assert ref.model.fused_gate_up > 0
-        ids = torch.arange(5, 69)[None]
-        with torch.no_grad():
-            assert torch.equal(lm.model(ids), ref.model(ids))
-        assert lm.generate("import os", temperature=0, max_new_tokens=32, eos_token_ids=()).token_ids == \
-            ref.generate("import os", temperature=0, max_new_tokens=32, eos_token_ids=()).token_ids
-    finally:
-        lm.offload.close()

@@ -160,39 +160,3 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         extra = f", reason={self.reason!r}" if self.reason else ""
         return f"{self.in_features}->{self.out_features}, kernel={self.kernel}, group={self.group}{extra}"
-
-
-FUSE_BLOCK = 64
-
-
-def fuse_gate_up(mlp: nn.Module) -> bool:
-    """Replace an MLP's 4-bit gate_proj and up_proj by one QuantLinear of twice the width.
-
-    Bitwise the same outputs (the int4 kernels compute every output column on its own; checked
-    at 1, 7 and 64 tokens) for one kernel call instead of two: 29 -> 19 us per demo expert.
-    Only for widths that are multiples of FUSE_BLOCK: the CPU kernel blocks output columns by
-    64, and at other widths (16, 32, 48, 96 tried) the fused results differ in the last bits,
-    which would break offloaded == resident (offloaded experts are not fused). Needs the
-    CPU int4 kernel on both (the CUDA layout is tiled and untested), the same group
-    and act-order permutation (gate and up share a Hessian, so GPTQ gives them the same one).
-    -> whether it fused.
-    """
-    gate, up = mlp.gate_proj, mlp.up_proj
-    if not (isinstance(gate, QuantLinear) and isinstance(up, QuantLinear)):
-        return False
-    same_perm = (gate.perm is None and up.perm is None) or (
-        gate.perm is not None and up.perm is not None and torch.equal(gate.perm, up.perm))
-    if (gate.kernel != "int4-cpu" or up.kernel != "int4-cpu" or gate.group != up.group
-            or not same_perm or gate.bias is not None or up.bias is not None
-            or gate.in_features != up.in_features or gate.out_features % FUSE_BLOCK
-            or up.out_features % FUSE_BLOCK):
-        return False
-    fused = QuantLinear(gate.in_features, gate.out_features + up.out_features, gate.kernel)
-    fused.group = gate.group
-    fused.register_buffer("perm", gate.perm)
-    fused.register_buffer("packed", torch.cat([gate.packed, up.packed], 0))  # [2N, K/2] on the CPU
-    fused.register_buffer("scale_zeros", torch.cat([gate.scale_zeros, up.scale_zeros], 1).contiguous())
-    mlp.gate_up = fused
-    del mlp.gate_proj, mlp.up_proj  # the fused copy replaces them: no extra memory
-    mlp.gate_proj = mlp.up_proj = None
-    return True
