@@ -103,10 +103,9 @@ class ChatSession:
         self.params = self.params.with_(**{field: parsed})  # validates, e.g. temp >= 0
 
     def settings(self) -> dict:
-        p = self.params
-        return {"system": self.system, "context": self.context, "temp": p.temperature,
-                "top_p": p.top_p, "top_k": p.top_k, "min_p": p.min_p, "max_tokens": p.max_new_tokens,
-                "seed": p.seed, "repetition_penalty": p.repetition_penalty}
+        return {"system": self.system, "context": self.context,
+                **{name: getattr(self.params, field) for name, (field, _) in SETTINGS.items()},
+                "repetition_penalty": self.params.repetition_penalty}
 
     def save(self, file: str | Path) -> Path:
         """The transcript and settings as JSON."""

@@ -117,8 +117,8 @@ def _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch, threa
     import torch
     from .api import load_auto, resolve_device, resolve_dtype
     from .hub import DEMO_NOTE
-    from .info import model_info
-    torch.set_num_threads(threads or _physical_cores())
+    from .info import model_info, physical_cores
+    torch.set_num_threads(threads or physical_cores())
     path, is_demo = model
     if is_demo and expert_cache == "auto":
         expert_cache = demo_cache  # the demo fits anywhere; offload anyway so the cache shows
@@ -129,11 +129,6 @@ def _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch, threa
     context = min(ctx_size or 4096, info.max_context)
     lm = load_auto(path, device, expert_cache, dtype=dtype, context=context, prefetch_depth=depth)
     return lm, info, context, depth, DEMO_NOTE if is_demo else None
-
-
-def _physical_cores() -> int:
-    import psutil
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
 def _params(lm, temp, top_p, top_k, min_p, max_tokens, seed):
@@ -233,32 +228,17 @@ def info(model, devices, expert_cache, device, dtype, ctx_size, offline, as_json
     of MODEL (default: the bundled demo), read from headers only."""
     from . import cli_ui
     from .api import resolve_device, resolve_dtype
-    from .info import model_info
+    from .info import devices as list_devices, model_info
     dev = resolve_device(device)
     cache = int(expert_cache) if expert_cache.isdigit() else expert_cache
     result = model_info(_resolve(model, offline)[0], dev, resolve_dtype(dtype, dev), cache, ctx_size)
-    found = _devices() if devices else None
+    found = list_devices() if devices else None
     if as_json:
         cli_ui.echo_json({**result.to_dict(), **({"devices": found} if found else {})})
         return
     click.echo(cli_ui.info_text(result))
     if found:
         click.echo(cli_ui.devices_text(found))
-
-
-def _devices() -> list[dict]:
-    import platform
-
-    import psutil
-    import torch
-    vm = psutil.virtual_memory()
-    found = [{"name": "cpu", "description": f"{platform.processor() or platform.machine()}, "
-              f"{_physical_cores()} cores", "free_bytes": vm.available, "total_bytes": vm.total}]
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        found.append({"name": f"cuda:{i}", "description": torch.cuda.get_device_name(i),
-                      "free_bytes": free, "total_bytes": total})
-    return found
 
 
 @main.command()
@@ -280,7 +260,8 @@ def bench(model, expert_cache, prefetch_depth, prompt_tokens, new_tokens, repeat
     import torch
     from . import cli_ui
     from .benchmark import sweep
-    torch.set_num_threads(threads or _physical_cores())
+    from .info import machine, physical_cores
+    torch.set_num_threads(threads or physical_cores())
     caches = [int(c) if c.isdigit() else c for c in expert_cache.split(",") if c]
     try:
         depths = [int(d) for d in prefetch_depth.split(",") if d]
@@ -292,20 +273,9 @@ def bench(model, expert_cache, prefetch_depth, prompt_tokens, new_tokens, repeat
         f"{row['decode_tps']:.2f} tok/s", err=True))
     rows = sweep(path, caches, depths, prompt_tokens, new_tokens, repeats, device, dtype, progress=say)
     if as_json:
-        cli_ui.echo_json({"model": str(path), "machine": _machine(), "rows": rows})
+        cli_ui.echo_json({"model": str(path), "machine": machine(), "rows": rows})
     else:
         click.echo(cli_ui.bench_table(rows))
-
-
-def _machine() -> dict:
-    import platform
-
-    import psutil
-    import torch
-    return {"cpu": platform.processor() or platform.machine(), "cores": _physical_cores(),
-            "threads": torch.get_num_threads(), "ram_bytes": psutil.virtual_memory().total,
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 # --- quantize ------------------------------------------------------------------------------

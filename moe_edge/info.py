@@ -16,12 +16,13 @@ import torch
 from .checkpoint import CheckpointReader
 from .config import load_config
 from .errors import ConfigError
+from .model.layers import BF16_HEAD
 from .model.weights import EXPERT, WeightMap
 from .offload.plan import OffloadPlan, kv_cache_bytes, slots_for
 from .quant.format import read_quant_config
 
 _QUANT_AUX = (".qzeros", ".scales", ".g_idx")
-_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
+_HEAD = tuple(f"{name}.weight" for name in BF16_HEAD)
 
 
 @dataclass
@@ -109,3 +110,33 @@ def _quant_summary(quant) -> dict | None:
         return None
     return {"method": quant.quant_method, "bits": quant.bits, "group_size": quant.group_size,
             "sym": quant.sym, "desc_act": quant.desc_act, "format": quant.checkpoint_format}
+
+
+def physical_cores() -> int:
+    import psutil
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def machine() -> str:
+    """The line every benchmark result carries about where it ran."""
+    import platform
+
+    import psutil
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{platform.machine()}, {physical_cores()} cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}{gpu}")
+
+
+def devices() -> list[dict]:
+    """The CPU and each CUDA GPU with free and total memory."""
+    import platform
+
+    import psutil
+    vm = psutil.virtual_memory()
+    found = [{"name": "cpu", "description": f"{platform.processor() or platform.machine()}, "
+              f"{physical_cores()} cores", "free_bytes": vm.available, "total_bytes": vm.total}]
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        found.append({"name": f"cuda:{i}", "description": torch.cuda.get_device_name(i),
+                      "free_bytes": free, "total_bytes": total})
+    return found

@@ -68,6 +68,9 @@ class Embedding16(nn.Embedding):
         return super().forward(ids).to(self.out_dtype)
 
 
+BF16_HEAD = {"lm_head": Linear16, "model.embed_tokens": Embedding16}  # what keep_bf16 may convert
+
+
 def keep_bf16(model: nn.Module, dtype: torch.dtype) -> list[str]:
     """Store the embeddings and lm_head of an fp32 model in bf16 where that loses nothing
     (their values came from a bf16 checkpoint). -> the names converted.
@@ -76,7 +79,7 @@ def keep_bf16(model: nn.Module, dtype: torch.dtype) -> list[str]:
     the lm_head alone is read in full for every token.
     """
     done, converted = [], {}
-    for name, cls in (("lm_head", Linear16), ("model.embed_tokens", Embedding16)):
+    for name, cls in BF16_HEAD.items():
         module = model.get_submodule(name)
         w = module.weight
         if id(w) not in converted:  # tied embeddings share one parameter
