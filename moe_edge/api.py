@@ -24,6 +24,7 @@ from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
+from .quant.qlinear import use_quant_mlps
 from .tokenizer import format_chat, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -84,6 +85,7 @@ def _finish(model: MoEForCausalLM, quant, device: torch.device, dtype: torch.dty
     bf16 when they came so from the checkpoint (its other layers are 4-bit anyway)."""
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
+    use_quant_mlps(model)
     cpu_fp32 = device.type == "cpu" and dtype == torch.float32
     model.kept_bf16 = keep_bf16(model, dtype) if quant and cpu_fp32 and bf16_head else []
 

@@ -86,3 +86,21 @@ def test_gptq_model_keeps_bf16_head_only_when_exact(tiny_deepseek, tmp_path):
     assert (fast.argmax(-1) == exact.argmax(-1)).float().mean().item() >= 0.97
     fp32 = write_gptq_checkpoint(tiny_deepseek, tmp_path / "q")
     assert load_model(fp32, device="cpu").kept_bf16 == []
+
+
+def test_fast_norm_and_rotary_are_bitwise_the_reference_formulas():
+    """RMSNorm's one-op fp32 path and the roll-based rotary equal the textbook forms."""
+    from moe_edge.model.layers import RMSNorm, apply_rotary, rotary_cos_sin
+    torch.manual_seed(0)
+    norm = RMSNorm(256, 1e-6)
+    norm.weight.data = torch.randn(256)
+    x = torch.randn(2, 5, 256) * 3
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(norm(x), norm.weight * h)
+    q = torch.randn(1, 4, 5, 64)
+    cos, signed_sin = rotary_cos_sin(torch.arange(7, 12), 64, 10000.0, torch.float32)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2).float() / 64))
+    emb = torch.cat([torch.arange(7, 12).float()[:, None] * inv] * 2, -1)
+    rotate_half = torch.cat((-q[..., 32:], q[..., :32]), -1)
+    assert torch.equal(cos, emb.cos())
+    assert torch.equal(apply_rotary(q, cos, signed_sin), q * emb.cos() + rotate_half * emb.sin())

@@ -125,3 +125,26 @@ def test_bad_quantized_tensors_named(gptq_ckpt, tmp_path, name, value, message):
     edit_weights(dst, lambda t: t.__setitem__(name, value))
     with pytest.raises(CheckpointError, match=message):
         load_model(dst, device="cpu")
+
+
+@pytest.mark.parametrize("group, seeds", [(32, (1, 1, 2)), (32, (1, 3, 2)), (128, (0, 0, 0))])
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
+def test_quant_mlp_is_bitwise_the_three_quant_linears(group, seeds, compute):
+    """The fused expert path (one cast, one shared act-order permutation, no module lookups)
+    computes exactly what MLP computes with the same QuantLinears one by one."""
+    from moe_edge.model.layers import MLP
+    from moe_edge.quant.qlinear import QuantMLP, use_quant_mlps
+
+    def q(n, k, seed):
+        t = gptq_layer(torch.randn(n, k) * 0.05, group, act_order=group < 128, seed=seed)
+        return QuantLinear.from_gptq(t, False, CPU, torch.float32, compute_dtype=compute)
+
+    mlp = MLP(128, 64)
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = q(64, 128, seeds[0]), q(64, 128, seeds[1]), q(128, 64, seeds[2])
+    x = torch.randn(2, 3, 128)
+    ref = mlp(x)
+    assert use_quant_mlps(mlp) == 1 and type(mlp) is QuantMLP
+    if group < 128:  # act-order: gate and up permuted once when their orders are equal
+        assert (mlp.up_proj.perm is mlp.gate_proj.perm) == (seeds[0] == seeds[1])
+    assert torch.equal(mlp(x), ref)
+    assert torch.equal(mlp(x[:, :1]), ref[:, :1])  # decode: one token

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..model.layers import MLP
-from ..quant.qlinear import QuantLinear
+from ..quant.qlinear import QuantLinear, use_quant_mlps
 
 ALIGN = 64  # every tensor starts 64-byte aligned inside an expert buffer
 PAGE = 4096  # expert strides are page multiples (positioned reads of whole pages)
@@ -98,6 +98,7 @@ def expert_from_buffer(layout: ExpertLayout, buf: torch.Tensor, hidden: int, wid
             for name, view in mine.items():
                 proj.register_buffer(name, view)
         setattr(expert, proj_name, proj)
+    use_quant_mlps(expert)  # the same forward as a resident expert, so the outputs are equal
     return expert
 
 
