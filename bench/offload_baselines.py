@@ -20,6 +20,14 @@ within every repeat:
   and puts the expert modules of the last MoE layers on disk, as many as the budget needs:
   the best placement accelerate can do at its granularity (one fused tensor per layer).
 
+--ram-limit BYTES makes the budget real, without cgroups: before each run a balloon process
+takes all available memory but BYTES (touched anonymous pages; this machine has no swap, so
+the kernel cannot give them back), and the engine, its page cache and memory-mapped files
+share the rest. The engine runs with oom_score_adj 1000, the balloon with -1000: an engine
+that needs more than the limit is killed and reported so. Under a limit moe-edge sizes its
+cache itself (`expert_cache="auto"`, what a user gets); `--hf-dtype auto` gives transformers
+its own default for the checkpoint (bf16 here), as moe-edge keeps bf16 weights bf16.
+
 Reported per engine: decode tokens/s (median of repeats), load seconds, resident memory after
 decoding (RSS, anonymous part) and peak, bytes the process read from storage (/proc/self/io
 read_bytes) and in total through read() (rchar), and the engine's own count of expert bytes
@@ -68,12 +76,12 @@ class UncachedExperts:
 class MoeEdge:
     """moe-edge's own decoder; `cached` False swaps the expert cache for UncachedExperts."""
 
-    def __init__(self, path: Path, fraction: float, store_dir: Path, cached: bool):
+    def __init__(self, path: Path, fraction: float, store_dir: Path, cached: bool, auto: bool = False):
         from moe_edge.api import load_offloaded
         from moe_edge.config import load_config
         cfg = load_config(path)
         if cached:
-            self.lm = load_offloaded(path, device="cpu", expert_cache=f"{fraction * 100:g}%",
+            self.lm = load_offloaded(path, device="cpu", expert_cache="auto" if auto else f"{fraction * 100:g}%",
                                      prefetch_depth=1, slow_tier="disk", offload_dir=store_dir)
         else:  # top-k slots that are never touched (so never resident): only the store is used
             self.lm = load_offloaded(path, device="cpu", expert_cache=cfg.top_k, prefetch_depth=0,
@@ -121,12 +129,13 @@ class MoeEdge:
 class Accelerate:
     """transformers' Qwen2MoeForCausalLM placed by accelerate (RAM, and disk for the rest)."""
 
-    def __init__(self, path: Path, budget: int, offload_dir: Path, experts_only: bool, cfg: dict):
+    def __init__(self, path: Path, budget: int, offload_dir: Path, experts_only: bool, cfg: dict,
+                 dtype: str = "float32"):
         from transformers import Qwen2MoeForCausalLM
         kw = {"device_map": "auto", "max_memory": {"cpu": budget}}
         if experts_only:
             kw = {"device_map": experts_device_map(cfg, budget)}
-        self.model = Qwen2MoeForCausalLM.from_pretrained(path, dtype=torch.float32,
+        self.model = Qwen2MoeForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
                                                           offload_folder=str(offload_dir), **kw).eval()
         self.offload_dir = offload_dir
 
@@ -140,7 +149,7 @@ class Accelerate:
         cpu_bytes = sum(p.numel() * p.element_size() for p in params.values() if p.device.type == "cpu")
         return {"device_map_counts": {d: len(v) for d, v in placed.items()},
                 "device_map": {d: _compact(v) for d, v in placed.items()},
-                "offload_folder_bytes": disk_bytes, "dtype": "float32",
+                "offload_folder_bytes": disk_bytes, "dtype": str(self.model.dtype).removeprefix("torch."),
                 "params_on_cpu_bytes": cpu_bytes}
 
     def reset(self) -> None:
@@ -203,6 +212,8 @@ def _io() -> dict:
 
 
 def worker(args) -> dict:
+    if args.ram_limit:  # under a limit, this process is the one the OOM killer takes
+        Path("/proc/self/oom_score_adj").write_text("1000")
     torch.set_num_threads(args.threads)
     cfg = json.loads((args.model / "config.json").read_text())
     prompt = torch.randint(2, cfg["vocab_size"], (args.prompt_tokens,),
@@ -210,9 +221,11 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hf-offload-", dir=args.work) as tmp:
         if args.worker in ("moe-edge", "naive"):
-            engine = MoeEdge(args.model, args.fraction, args.work / "store", cached=args.worker == "moe-edge")
+            engine = MoeEdge(args.model, args.fraction, args.work / "store", cached=args.worker == "moe-edge",
+                             auto=bool(args.ram_limit))
         else:
-            engine = Accelerate(args.model, args.budget, Path(tmp), args.worker == "accelerate-experts", cfg)
+            engine = Accelerate(args.model, args.budget, Path(tmp), args.worker == "accelerate-experts", cfg,
+                                args.hf_dtype)
         load_s = time.perf_counter() - t0
         rss_loaded = psutil.Process().memory_info().rss
         engine.generate(prompt, 8)  # warm-up: fills caches the way a session would
@@ -234,17 +247,52 @@ def worker(args) -> dict:
 
 
 # --- the driver ------------------------------------------------------------------------------
+BALLOON = """
+import sys
+from pathlib import Path
+Path("/proc/self/oom_score_adj").write_text("-1000")
+held = bytearray(int(sys.argv[1]))
+for i in range(0, len(held), 4096):  # touch every page: anonymous, resident, unswappable
+    held[i] = 1
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def balloon(limit: int) -> tuple[subprocess.Popen | None, int]:
+    """A process holding all available memory but `limit` bytes, until its stdin closes."""
+    hold = psutil.virtual_memory().available - limit
+    if hold <= 0:
+        return None, 0
+    p = subprocess.Popen([sys.executable, "-c", BALLOON, str(hold)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    if p.stdout.readline().strip() != "ready":
+        raise RuntimeError("the memory balloon did not start")
+    return p, hold
+
+
 def run_engine(args, engine: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--model", str(args.model), "--work", str(args.work),
            "--budget", str(args.budget), "--fraction", str(args.fraction), "--threads", str(args.threads),
-           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+           "--ram-limit", str(args.ram_limit or 0), "--hf-dtype", args.hf_dtype]
     print(f"[{time.strftime('%H:%M:%S')}] {engine} ...", file=sys.stderr, flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    held, held_bytes = balloon(args.ram_limit) if args.ram_limit else (None, 0)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        if held is not None:
+            held.stdin.close()
+            held.wait()
     if p.returncode != 0:
         tail = p.stderr.strip().splitlines()[-15:]
+        if p.returncode == -9:
+            tail.append(f"killed (SIGKILL): out of memory under the {args.ram_limit / 2**30:.2f} GiB limit")
         print("\n".join(tail), file=sys.stderr)
-        return {"engine": engine, "error": tail[-1] if tail else f"exit {p.returncode}", "stderr_tail": tail}
+        return {"engine": engine, "error": tail[-1] if tail else f"exit {p.returncode}", "stderr_tail": tail,
+                "balloon_bytes": held_bytes}
     r = json.loads(p.stdout.strip().splitlines()[-1])
+    r["balloon_bytes"] = held_bytes
     print(f"    {r['decode_tps']:.2f} tok/s, rss {r['rss_bytes'] / 2**30:.2f} GiB, load {r['load_s']} s",
           file=sys.stderr, flush=True)
     return r
@@ -288,7 +336,8 @@ def summarise(runs: list[dict], args, cfg: dict, s: dict) -> dict:
                 "shared_expert_intermediate_size", "num_attention_heads", "vocab_size")},
             "fp32_sizes": s, "budget_bytes": args.budget, "budget_rule": f"dense + {args.fraction:g} x routed experts (fp32)",
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "threads": args.threads, "order": "engines alternated, rotated each repeat, one subprocess per run",
+            "threads": args.threads, "ram_limit_bytes": args.ram_limit or None, "hf_dtype": args.hf_dtype,
+            "balloon_bytes": [r.get("balloon_bytes", 0) for r in runs], "order": "engines alternated, rotated each repeat, one subprocess per run",
             "results": out, "ratios": ratios, "same_greedy_tokens": same, "machine": machine()}
 
 
@@ -304,6 +353,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--ram-limit", type=int, default=0,
+                    help="bytes the engine and its page cache may use in all (a balloon takes the rest)")
+    ap.add_argument("--hf-dtype", default="float32", help="transformers' dtype: float32, bfloat16 or auto")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .memory import trim_heap
 from .generation import GenerationResult, SamplingParams, TextStream, read_generation_config
 from .model import MoEForCausalLM
+from .info import keeps_bf16
 from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
@@ -53,13 +54,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load_model(path: str | Path, device: str | torch.device = "auto",
                dtype: str | torch.dtype | None = None, kernel: str = "auto",
-               bf16_head: bool = True) -> MoEForCausalLM:
+               bf16_weights: bool | None = None) -> MoEForCausalLM:
     """The model alone (no tokenizer), every weight resident on `device`.
 
     GPTQ checkpoints get 4-bit layers; `kernel` is "auto" (int4 where the shape allows,
     else dequantise-then-matmul, reported in `model.quant_kernels`), "int4" or "dequant".
-    `bf16_head`: on the CPU, a GPTQ model's embeddings and lm_head stay bf16 when exact
-    (see `keep_bf16`); False keeps them in `dtype`.
+    `bf16_weights`: on the CPU with fp32 activations, embeddings and Linear weights that the
+    checkpoint stores in bf16 stay bf16 (see `keep_bf16`): half the memory and bytes per
+    token, each matmul's input rounded to bf16. Default: when the CPU has native bf16
+    (`info.native_bf16`); False upcasts them (exact fp32).
     """
     config = load_config(path)
     device = resolve_device(device)
@@ -70,7 +73,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     quant = read_quant_config(path)
     consumed = install_quantized(model, weights, quant, device, dtype, kernel) if quant else set()
     load_weights(model, weights, consumed, device=device, dtype=dtype)
-    _finish(model, quant, device, dtype, bf16_head)
+    _finish(model, quant, device, dtype, bf16_weights)
     trim_heap()
     if kernel == "auto" and model.quant_kernels.get("dequant"):
         reasons = sorted({m.reason for m in model.modules() if getattr(m, "kernel", "") == "dequant"})
@@ -80,14 +83,12 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
 
 
 def _finish(model: MoEForCausalLM, quant, device: torch.device, dtype: torch.dtype,
-            bf16_head: bool = True) -> None:
-    """Record the quantization; a GPTQ model on the CPU keeps its embeddings and lm_head in
-    bf16 when they came so from the checkpoint (its other layers are 4-bit anyway)."""
+            bf16_weights: bool | None = None) -> None:
+    """Record the quantization, fuse int4 MLPs, keep bf16 weights bf16 (see load_model)."""
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
     use_quant_mlps(model)
-    cpu_fp32 = device.type == "cpu" and dtype == torch.float32
-    model.kept_bf16 = keep_bf16(model, dtype) if quant and cpu_fp32 and bf16_head else []
+    model.kept_bf16 = keep_bf16(model, dtype) if keeps_bf16(device, dtype, bf16_weights) else []
 
 
 @dataclass
@@ -172,7 +173,8 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
                    prefetch_depth: int = 1, prefetch_width: int | None = None,
                    policy: str = "lru", slow_tier: str = "auto",
                    dtype: str | torch.dtype | None = None, kernel: str = "auto", context: int = 4096,
-                   offload_dir: str | Path | None = None, threaded: bool = True) -> LoadedModel:
+                   offload_dir: str | Path | None = None, threaded: bool = True,
+                   bf16_weights: bool | None = None) -> LoadedModel:
     """Load a checkpoint with its routed experts offloaded: the dense part resident on
     `device`, a fixed cache of expert slots there (LRU), the rest in host RAM or on disk,
     the next layers' experts prefetched from router predictions.
@@ -182,6 +184,8 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     slots per layer (int). `slow_tier`: "auto" (pinned RAM for a GPU, disk for the CPU),
     "ram" or "disk". `prefetch_depth` 0 turns prediction off; `prefetch_width` experts are
     predicted per layer (default top-k; wider raises recall at the cost of bandwidth).
+    `bf16_weights` as in `load_model`: a bf16 checkpoint's experts then stay bf16 in the
+    store and the slots, half the bytes per load.
 
     >>> lm = moe_edge.load_offloaded("deepseek-moe-16b-chat-gptq-w4g128", expert_cache="4GB")
     >>> lm.generate("Hello", max_new_tokens=32).text
@@ -203,9 +207,10 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
         raise ConfigError(f"slow tier {slow_tier!r} with device {device.type}: use ram (any "
                           "device) or disk (with device cpu)")
     available = available_memory(device)  # before the dense part takes its share
-    model, weights, quant = _dense_part(path, config, device, dtype, kernel)
+    keep16 = keeps_bf16(device, dtype, bf16_weights)
+    model, weights, quant = _dense_part(path, config, device, dtype, kernel, keep16)
     store, layouts, index_of = build_store(weights, config, quant, device, dtype, kernel,
-                                           slow_tier, offload_dir)
+                                           slow_tier, offload_dir, keep16)
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     kv = kv_cache_bytes(config, context, dtype)
     L, E = len(config.moe_layer_ids), config.num_experts
@@ -223,7 +228,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     return _with_tokenizer(path, model, OffloadRuntime(cache, plan, prefetcher))
 
 
-def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel):
+def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel, keep16: bool):
     """The model without its routed experts, resident on `device`."""
     weights = WeightMap(CheckpointReader(path), config)
     with torch.device("meta"):
@@ -236,19 +241,19 @@ def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel):
                                  skip=lambda p: bool(EXPERT.match(p))) if quant else set()
     consumed |= {n for n in weights.sources if EXPERT.match(n)}
     load_weights(model, weights, consumed, device=device, dtype=dtype)
-    _finish(model, quant, device, dtype)
+    _finish(model, quant, device, dtype, keep16)
     return model.eval(), weights, quant
 
 
 def load(path: str | Path, device: str | torch.device = "auto",
-         dtype: str | torch.dtype | None = None) -> LoadedModel:
+         dtype: str | torch.dtype | None = None, bf16_weights: bool | None = None) -> LoadedModel:
     """Load a Hugging Face MoE checkpoint folder fully resident on `device`.
 
     >>> lm = moe_edge.load("path/to/deepseek-moe-16b-chat", device="cpu")
     >>> lm.generate("The capital of France is", temperature=0).text
     """
     path = Path(path)
-    return _with_tokenizer(path, load_model(path, device, dtype))
+    return _with_tokenizer(path, load_model(path, device, dtype, bf16_weights=bf16_weights))
 
 
 def load_auto(path: str | Path, device: str | torch.device = "auto", expert_cache="auto",
@@ -262,7 +267,9 @@ def load_auto(path: str | Path, device: str | torch.device = "auto", expert_cach
     from .info import model_info
     if expert_cache == "auto":
         device_ = resolve_device(device)
-        info = model_info(path, device_, resolve_dtype(dtype, device_), "auto", context)
+        bf16_weights = offload.get("bf16_weights")
+        info = model_info(path, device_, resolve_dtype(dtype, device_), "auto", context,
+                          bf16_weights=bf16_weights)
         if info.plan is not None and info.plan.slots_per_layer == info.experts_per_layer:
-            return load(path, device, dtype)
+            return load(path, device, dtype, bf16_weights)
     return load_offloaded(path, device, expert_cache, dtype=dtype, context=context, **offload)

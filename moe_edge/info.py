@@ -16,13 +16,26 @@ import torch
 from .checkpoint import CheckpointReader
 from .config import load_config
 from .errors import ConfigError
-from .model.layers import BF16_HEAD
 from .model.weights import EXPERT, WeightMap
 from .offload.plan import OffloadPlan, kv_cache_bytes, slots_for
 from .quant.format import read_quant_config
 
 _QUANT_AUX = (".qzeros", ".scales", ".g_idx")
-_HEAD = tuple(f"{name}.weight" for name in BF16_HEAD)
+_ROUTER = ".gate.weight"  # a router's weight: stays fp32 (norms and biases are 1-D)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it PyTorch's
+    bf16 matmuls take a slow path, so weights are upcast to fp32 instead."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def keeps_bf16(device: torch.device, dtype: torch.dtype, bf16_weights: bool | None = None) -> bool:
+    """Whether a load keeps the checkpoint's bf16 weights in bf16 (see model.layers.keep_bf16):
+    on the CPU with fp32 activations, by default when the CPU has native bf16."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    return native_bf16() if bf16_weights is None else bf16_weights
 
 
 @dataclass
@@ -52,23 +65,24 @@ class ModelInfo:
 
 
 def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               expert_cache="auto", context: int = 4096, slow_tier: str | None = None) -> ModelInfo:
+               expert_cache="auto", context: int = 4096, slow_tier: str | None = None,
+               bf16_weights: bool | None = None) -> ModelInfo:
     """Sizes from tensor headers (nothing is read but the headers) and the plan
     `load_offloaded` would make for `expert_cache` on `device`."""
     path, device = Path(path), torch.device(device)
     config, quant = load_config(path), read_quant_config(path)
     weights = WeightMap(CheckpointReader(path), config)
     total = active = dense = experts_total = checkpoint = 0
-    # what api.load_model keeps in bf16 (keep_bf16): a GPTQ model's head on the CPU in fp32
-    head16 = quant is not None and device.type == "cpu" and dtype == torch.float32
+    keep16 = keeps_bf16(device, dtype, bf16_weights)  # as api.load_model decides
     for name in weights.sources:
         numel = math.prod(weights.shape(name))
         source = weights.sources[name].name
         stored = numel * weights.reader.itemsize(source)
         params = _params(name, numel, quant.bits if quant else 16)
         runtime = stored if _is_quantized(name) else numel * dtype.itemsize
-        if head16 and name in _HEAD and weights.reader.stored_dtype(source) == "BF16":
-            runtime = stored
+        if keep16 and len(weights.shape(name)) == 2 and not name.endswith(_ROUTER) \
+                and weights.reader.stored_dtype(source) == "BF16":
+            runtime = stored  # kept bf16: embeddings and Linear weights
         checkpoint += stored
         total += params
         if EXPERT.match(name):

@@ -72,7 +72,7 @@ def test_gptq_on_demo_within_3pct_and_beats_rtn(demo, tmp_path):
     ppl = {}
     for method in ("gptq", "rtn"):
         out = quantize(DEMO, tmp_path / method, QuantizeOptions(method=method)).out
-        ppl[method] = perplexity(load_model(out, device="cpu", bf16_head=False), stream)
+        ppl[method] = perplexity(load_model(out, device="cpu", bf16_weights=False), stream)
     print(f"demo perplexity: 16-bit {base:.3f}, GPTQ {ppl['gptq']:.3f}, RTN {ppl['rtn']:.3f}")
     assert ppl["gptq"] < 1.03 * base
     assert ppl["gptq"] - base <= 0.65 * (ppl["rtn"] - base)

@@ -72,8 +72,9 @@ def test_gptq_model_keeps_bf16_head_only_when_exact(tiny_deepseek, tmp_path):
     from moe_edge.api import load_model
     from moe_edge.hub import DEMO
     from moe_edge.testing import write_gptq_checkpoint
-    demo = load_model(DEMO, device="cpu")
-    assert demo.kept_bf16 == ["lm_head", "model.embed_tokens"]
+    demo = load_model(DEMO, device="cpu", bf16_weights=True)
+    assert sorted(demo.kept_bf16) == ["lm_head", "model.embed_tokens"]  # the rest is int4
+    assert load_model(DEMO, device="cpu", bf16_weights=False).kept_bf16 == []
     assert demo.lm_head.weight.dtype == torch.bfloat16 and demo.dtype == torch.float32
     ids = torch.arange(3, 200)[None]
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_gptq_model_keeps_bf16_head_only_when_exact(tiny_deepseek, tmp_path):
     assert ((fast - exact).norm() / exact.norm()).item() < 1e-2
     assert (fast.argmax(-1) == exact.argmax(-1)).float().mean().item() >= 0.97
     fp32 = write_gptq_checkpoint(tiny_deepseek, tmp_path / "q")
-    assert load_model(fp32, device="cpu").kept_bf16 == []
+    assert load_model(fp32, device="cpu", bf16_weights=True).kept_bf16 == []
 
 
 def test_fast_norm_and_rotary_are_bitwise_the_reference_formulas():

@@ -21,7 +21,8 @@ SHAPE = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, m
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("off")
     src = write_checkpoint(root / "fp", "deepseek", **SHAPE)
-    return {"fp": src, "gptq": write_gptq_checkpoint(src, root / "q", group_size=64, act_order=True)}
+    return {"fp": src, "gptq": write_gptq_checkpoint(src, root / "q", group_size=64, act_order=True),
+            "bf16": write_checkpoint(root / "bf16", "deepseek", seed=3, dtype=torch.bfloat16, **SHAPE)}
 
 
 @pytest.mark.parametrize("kind", ["fp", "gptq"])
@@ -45,6 +46,35 @@ def test_offloaded_equals_resident(ckpts, kind, slots, depth):
         stats = lm.offload_stats().total
         assert stats.hits > 0 and stats.misses + stats.prefetch_issued > 0  # experts were paged in
         assert (stats.predicted > 0) == (depth > 0)
+    finally:
+        lm.offload.close()
+
+
+@pytest.mark.parametrize("bf16_weights", [True, False])
+def test_bf16_experts_stay_bf16_in_store_slots_and_resident(ckpts, bf16_weights):
+    """A bf16 checkpoint on the CPU: experts keep their bf16 bytes in the store, the slots
+    and the resident model alike (half what a miss reads), and the outputs stay equal."""
+    from moe_edge.info import model_info
+    ref = load(ckpts["bf16"], device="cpu", bf16_weights=bf16_weights)
+    lm = load_offloaded(ckpts["bf16"], device="cpu", expert_cache=3, prefetch_depth=1,
+                        slow_tier="disk", bf16_weights=bf16_weights)
+    try:
+        width = 2 if bf16_weights else 4
+        D, I = SHAPE["hidden_size"], SHAPE["moe_intermediate_size"]
+        assert lm.offload.plan.expert_bytes == 3 * D * I * width  # gate, up, down
+        resident_expert = ref.model.model.layers[1].mlp.experts[0]
+        assert resident_expert.down_proj.weight.dtype == (torch.bfloat16 if bf16_weights else torch.float32)
+        assert ref.model.dtype == lm.model.dtype == torch.float32  # activations
+        info = model_info(ckpts["bf16"], "cpu", torch.float32, 3, bf16_weights=bf16_weights)
+        assert info.expert_bytes == lm.offload.plan.expert_bytes
+        assert info.dense_bytes == lm.offload.plan.resident_bytes
+        prompt = "Half the bytes per miss."
+        assert lm.generate(prompt, temperature=0, max_new_tokens=16).token_ids == \
+            ref.generate(prompt, temperature=0, max_new_tokens=16).token_ids
+        ids = torch.tensor([lm.encode(prompt)])
+        with torch.no_grad():
+            assert torch.equal(lm.model(ids), ref.model(ids))  # the same code on the same bytes
+        assert lm.offload_stats().total.misses > 0
     finally:
         lm.offload.close()
 

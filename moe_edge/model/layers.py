@@ -61,10 +61,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class Linear16(nn.Linear):
     """A Linear whose weight stays in bf16 while activations are fp32: half the memory and
-    half the bytes read per token. The input is rounded to bf16 for the matmul."""
+    half the bytes read per token. The input is rounded to bf16 for the matmul (as in a bf16
+    model); the bias, if any, is added in fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
 
 class Embedding16(nn.Embedding):
@@ -76,19 +78,22 @@ class Embedding16(nn.Embedding):
         return super().forward(ids).to(self.out_dtype)
 
 
-BF16_HEAD = {"lm_head": Linear16, "model.embed_tokens": Embedding16}  # what keep_bf16 may convert
+BF16_KINDS = {nn.Linear: Linear16, nn.Embedding: Embedding16}  # what keep_bf16 converts
 
 
 def keep_bf16(model: nn.Module, dtype: torch.dtype) -> list[str]:
-    """Store the embeddings and lm_head of an fp32 model in bf16 where that loses nothing
-    (their values came from a bf16 checkpoint). -> the names converted.
+    """Store the embeddings and every plain Linear of an fp32 model in bf16 where that loses
+    nothing (their values came from a bf16 checkpoint). -> the names converted.
 
-    On DeepSeek-MoE-16B these two are 1.7 GB of fp32, most of a GPTQ model's resident part;
-    the lm_head alone is read in full for every token.
+    Routers (not Linears) and norms stay fp32. On DeepSeek-MoE-16B GPTQ the embeddings and
+    lm_head are 1.7 GB of fp32, most of the resident part, and the lm_head is read in full
+    for every token; on a bf16 checkpoint every routed expert halves, in memory and per load.
     """
     done, converted = [], {}
-    for name, cls in BF16_HEAD.items():
-        module = model.get_submodule(name)
+    for name, module in model.named_modules():
+        cls = BF16_KINDS.get(type(module))
+        if cls is None:
+            continue
         w = module.weight
         if id(w) not in converted:  # tied embeddings share one parameter
             if w.dtype != torch.float32 or not torch.equal(w.data.to(torch.bfloat16).float(), w.data):

@@ -98,10 +98,10 @@ class MoEBlock(nn.Module):
         N, A = ids.shape
         if N == 1:  # decode: k experts, one token
             slot = {e: i for i, e in enumerate(ids[0].tolist())}
-            ys = flat.new_empty(A, flat.shape[1])  # [A, D]
+            ys = [flat] * A
             for e, expert in self.experts.experts_for(sorted(slot)):
-                ys[slot[e]] = expert(flat)[0]
-            return (weights[0, :, None] * ys).sum(0, keepdim=True)
+                ys[slot[e]] = expert(flat)  # [1, D]
+            return (weights[0, :, None] * torch.cat(ys)).sum(0, keepdim=True)  # [A, D] -> [1, D]
         flat_ids = ids.reshape(-1)  # [N*A]
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.gate.weight.shape[0])

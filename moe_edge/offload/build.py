@@ -13,19 +13,21 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..memory import trim_heap
-from ..model.layers import MLP
+from ..model.layers import MLP, keep_bf16
 from ..model.weights import WeightMap, load_weights
 from ..quant.format import QuantConfig
 from ..quant.load import read_gptq
 from ..quant.qlinear import QuantLinear
 from .store import PAGE, PROJECTIONS, DiskStore, Entry, ExpertLayout, RamStore, pack_expert
 
-STORE_VERSION = 1  # bump when the on-disk expert layout changes
+STORE_VERSION = 2  # bump when the on-disk expert layout changes (2: bf16 "dense16" experts)
 
 
 def expert_module(weights: WeightMap, config: ModelConfig, quant: QuantConfig | None, layer: int,
-                  expert: int, device: torch.device, dtype: torch.dtype, kernel: str) -> MLP:
-    """One routed expert, resident on `device`, in the kernels' layout."""
+                  expert: int, device: torch.device, dtype: torch.dtype, kernel: str,
+                  keep16: bool = False) -> MLP:
+    """One routed expert, resident on `device`, in the kernels' layout; with `keep16` its
+    bf16 weights stay bf16, as `api.load_model` keeps a resident expert's."""
     prefix = f"model.layers.{layer}.mlp.experts.{expert}"
     with torch.device("meta"):
         module = MLP(config.hidden_size, config.moe_intermediate_size)
@@ -36,12 +38,14 @@ def expert_module(weights: WeightMap, config: ModelConfig, quant: QuantConfig | 
             setattr(module, proj, QuantLinear.from_gptq(tensors, quant.v2, device, dtype, kernel))
     # the 16-bit projections (a QuantLinear has no parameters, so it is skipped)
     load_weights(module, weights, device=device, dtype=dtype, prefix=prefix + ".")
+    if keep16:
+        keep_bf16(module, dtype)
     return module
 
 
 def build_store(weights: WeightMap, config: ModelConfig, quant: QuantConfig | None,
                 device: torch.device, dtype: torch.dtype, kernel: str, slow_tier: str,
-                offload_dir: str | Path | None = None):
+                offload_dir: str | Path | None = None, keep16: bool = False):
     """-> (store, layouts {(layer, expert): layout}, index_of).
 
     A disk store is a cache: it lives in `offload_dir` (default $MOE_EDGE_CACHE or
@@ -53,19 +57,19 @@ def build_store(weights: WeightMap, config: ModelConfig, quant: QuantConfig | No
     index_of = lambda layer, expert: moe_ids.index(layer) * config.num_experts + expert  # noqa: E731
     if slow_tier == "disk":
         folder = Path(offload_dir or os.environ.get("MOE_EDGE_CACHE") or Path.home() / ".cache" / "moe-edge" / "experts")
-        folder = folder / fingerprint(weights.reader.folder, device, dtype, kernel)
+        folder = folder / fingerprint(weights.reader.folder, device, dtype, kernel, keep16)
         cached = _open_cached(folder)
         if cached is not None:
             return (*cached, index_of)
     store, layouts = _convert(weights, config, quant, device, dtype, kernel, slow_tier,
-                              folder if slow_tier == "disk" else None, index_of)
+                              folder if slow_tier == "disk" else None, index_of, keep16)
     return store, layouts, index_of
 
 
-def _convert(weights, config, quant, device, dtype, kernel, slow_tier, folder, index_of):
+def _convert(weights, config, quant, device, dtype, kernel, slow_tier, folder, index_of, keep16):
     """Every routed expert to its kernel layout, written to a new store."""
     moe_ids, E = config.moe_layer_ids, config.num_experts
-    module = lambda l, e: expert_module(weights, config, quant, l, e, device, dtype, kernel)  # noqa: E731
+    module = lambda l, e: expert_module(weights, config, quant, l, e, device, dtype, kernel, keep16)  # noqa: E731
     first_layout, first = pack_expert(module(moe_ids[0], 0))
     slack = 3 * 8 * max(config.hidden_size, config.moe_intermediate_size) if quant and quant.desc_act else 0
     stride = -(-(first.numel() + slack) // PAGE) * PAGE  # room for an act-order permutation
@@ -93,9 +97,10 @@ def _convert(weights, config, quant, device, dtype, kernel, slow_tier, folder, i
     return store, layouts
 
 
-def fingerprint(model: Path, device: torch.device, dtype: torch.dtype, kernel: str) -> str:
+def fingerprint(model: Path, device: torch.device, dtype: torch.dtype, kernel: str,
+                keep16: bool = False) -> str:
     """Changes when the checkpoint files or the conversion settings change."""
-    h = hashlib.sha256(f"{STORE_VERSION}|{Path(model).resolve()}|{device.type}|{dtype}|{kernel}".encode())
+    h = hashlib.sha256(f"{STORE_VERSION}|{Path(model).resolve()}|{device.type}|{dtype}|{kernel}|{keep16}".encode())
     for f in sorted(Path(model).glob("*.safetensors")) + [Path(model) / "config.json"]:
         st = f.stat()
         h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())

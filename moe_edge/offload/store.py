@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model.layers import MLP
+from ..model.layers import MLP, Linear16
 from ..quant.qlinear import QuantLinear, use_quant_mlps
 
 ALIGN = 64  # every tensor starts 64-byte aligned inside an expert buffer
@@ -47,7 +47,7 @@ class ExpertLayout:
     """Where each tensor of one expert sits in its buffer, and how to rebuild the projections."""
 
     entries: tuple[Entry, ...]
-    specs: tuple[tuple, ...]  # per projection: ("dense",) or ("quant", in, out, kernel, group, reason)
+    specs: tuple[tuple, ...]  # per projection: ("dense",), ("dense16",) or ("quant", in, out, kernel, group, reason)
     nbytes: int
 
 
@@ -59,7 +59,8 @@ def _tensors_of(proj: nn.Module) -> tuple[tuple, dict[str, torch.Tensor]]:
     if isinstance(proj, QuantLinear):
         spec = ("quant", proj.in_features, proj.out_features, proj.kernel, proj.group, proj.reason)
         return spec, {n: b for n, b in proj.named_buffers() if b is not None}
-    return ("dense",), {"weight": proj.weight.detach()}
+    kind = "dense16" if isinstance(proj, Linear16) else "dense"  # bf16 weight, fp32 activations
+    return (kind,), {"weight": proj.weight.detach()}
 
 
 def pack_expert(expert: MLP) -> tuple[ExpertLayout, torch.Tensor]:
@@ -87,8 +88,8 @@ def expert_from_buffer(layout: ExpertLayout, buf: torch.Tensor, hidden: int, wid
         expert = MLP(hidden, width)
     for proj_name, spec in zip(PROJECTIONS, layout.specs):
         mine = {k.split(".", 1)[1]: v for k, v in views.items() if k.startswith(proj_name + ".")}
-        if spec[0] == "dense":
-            proj = nn.Linear(1, 1, bias=False, device="meta")
+        if spec[0] in ("dense", "dense16"):
+            proj = (Linear16 if spec[0] == "dense16" else nn.Linear)(1, 1, bias=False, device="meta")
             proj.weight = nn.Parameter(mine["weight"], requires_grad=False)
             proj.in_features, proj.out_features = mine["weight"].shape[1], mine["weight"].shape[0]
         else:
