@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .checkpoint import CheckpointReader
 from .config import load_config
 from .errors import ConfigError
+from .model import layers
 from .model.weights import EXPERT, WeightMap
 from .offload.plan import OffloadPlan, kv_cache_bytes, slots_for
 from .quant.format import read_quant_config
@@ -80,9 +82,8 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         stored = numel * weights.reader.itemsize(source)
         params = _params(name, numel, quant.bits if quant else 16)
         runtime = stored if _is_quantized(name) else numel * dtype.itemsize
-        if keep16 and len(weights.shape(name)) == 2 and not name.endswith(_ROUTER) \
-                and weights.reader.stored_dtype(source) == "BF16":
-            runtime = stored  # kept bf16: embeddings and Linear weights
+        if keep16 and _kept16(name, weights.shape(name)) and weights.reader.stored_dtype(source) == "BF16":
+            runtime = stored  # kept bf16: embeddings and large Linear weights
         checkpoint += stored
         total += params
         if EXPERT.match(name):
@@ -107,6 +108,15 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     tier = slow_tier or ("ram" if device.type == "cuda" else "disk")
     info.plan = OffloadPlan(str(device), tier, dense, kv, expert_bytes, L, E, k, slots, margin, seen)
     return info
+
+
+def _kept16(name: str, shape) -> bool:
+    """What keep_bf16 keeps in bf16, from the name and shape (routers are 2-D but stay fp32;
+    norms and biases are 1-D)."""
+    if len(shape) != 2 or name.endswith(_ROUTER):
+        return False
+    kind = nn.Embedding if name.endswith("embed_tokens.weight") else nn.Linear
+    return layers.stays_bf16(kind, math.prod(shape))
 
 
 def _is_quantized(name: str) -> bool:

@@ -66,14 +66,19 @@ def test_tied_embeddings(tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_gptq_model_keeps_bf16_head_only_when_exact(tiny_deepseek, tmp_path):
+def test_gptq_model_keeps_bf16_head_only_when_exact(tiny_deepseek, tmp_path, monkeypatch):
     """A bf16 checkpoint's embeddings and lm_head stay bf16 on the CPU (half the bytes, the
     same weights); an fp32 checkpoint's are not rounded."""
     from moe_edge.api import load_model
     from moe_edge.hub import DEMO
     from moe_edge.testing import write_gptq_checkpoint
     demo = load_model(DEMO, device="cpu", bf16_weights=True)
-    assert sorted(demo.kept_bf16) == ["lm_head", "model.embed_tokens"]  # the rest is int4
+    assert demo.kept_bf16 == ["model.embed_tokens"]  # the rest is int4; a 4096x128 head is
+    # faster in fp32 (BF16_MIN_LINEAR); on a 16B model the 102400x2048 head stays bf16
+    import moe_edge.model.layers as layers
+    monkeypatch.setattr(layers, "BF16_MIN_LINEAR", 4096 * 128)
+    demo = load_model(DEMO, device="cpu", bf16_weights=True)
+    assert sorted(demo.kept_bf16) == ["lm_head", "model.embed_tokens"]
     assert load_model(DEMO, device="cpu", bf16_weights=False).kept_bf16 == []
     assert demo.lm_head.weight.dtype == torch.bfloat16 and demo.dtype == torch.float32
     ids = torch.arange(3, 200)[None]

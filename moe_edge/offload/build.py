@@ -13,6 +13,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..memory import trim_heap
+from ..model import layers
 from ..model.layers import MLP, keep_bf16
 from ..model.weights import WeightMap, load_weights
 from ..quant.format import QuantConfig
@@ -100,7 +101,8 @@ def _convert(weights, config, quant, device, dtype, kernel, slow_tier, folder, i
 def fingerprint(model: Path, device: torch.device, dtype: torch.dtype, kernel: str,
                 keep16: bool = False) -> str:
     """Changes when the checkpoint files or the conversion settings change."""
-    h = hashlib.sha256(f"{STORE_VERSION}|{Path(model).resolve()}|{device.type}|{dtype}|{kernel}|{keep16}".encode())
+    bf16 = keep16 and layers.BF16_MIN_LINEAR  # which weights stay bf16
+    h = hashlib.sha256(f"{STORE_VERSION}|{Path(model).resolve()}|{device.type}|{dtype}|{kernel}|{bf16}".encode())
     for f in sorted(Path(model).glob("*.safetensors")) + [Path(model) / "config.json"]:
         st = f.stat()
         h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
