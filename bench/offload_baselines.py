@@ -23,7 +23,7 @@ within every repeat:
 --ram-limit BYTES makes the budget real, without cgroups: before each run a balloon process
 takes all available memory but BYTES (touched anonymous pages; this machine has no swap, so
 the kernel cannot give them back), and the engine, its page cache and memory-mapped files
-share the rest. The engine runs with oom_score_adj 1000, the balloon with -1000: an engine
+share the rest. The engine runs with oom_score_adj 1000 (the balloon with -1000 where allowed): an engine
 that needs more than the limit is killed and reported so. Under a limit moe-edge sizes its
 cache itself (`expert_cache="auto"`, what a user gets); `--hf-dtype auto` gives transformers
 its own default for the checkpoint (bf16 here), as moe-edge keeps bf16 weights bf16.
@@ -250,7 +250,10 @@ def worker(args) -> dict:
 BALLOON = """
 import sys
 from pathlib import Path
-Path("/proc/self/oom_score_adj").write_text("-1000")
+try:
+    Path("/proc/self/oom_score_adj").write_text("-1000")
+except PermissionError:  # needs CAP_SYS_RESOURCE; the engine's +1000 decides anyway
+    pass
 held = bytearray(int(sys.argv[1]))
 for i in range(0, len(held), 4096):  # touch every page: anonymous, resident, unswappable
     held[i] = 1
