@@ -129,9 +129,11 @@ def test_bad_quantized_tensors_named(gptq_ckpt, tmp_path, name, value, message):
 
 @pytest.mark.parametrize("group, seeds", [(32, (1, 1, 2)), (32, (1, 3, 2)), (128, (0, 0, 0))])
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
-def test_quant_mlp_is_bitwise_the_three_quant_linears(group, seeds, compute):
-    """The fused expert path (one cast, one shared act-order permutation, no module lookups)
-    computes exactly what MLP computes with the same QuantLinears one by one."""
+@pytest.mark.parametrize("width", [64, 96])  # 96: not a multiple of 64, never fused
+def test_quant_mlp_is_bitwise_the_three_quant_linears(group, seeds, compute, width):
+    """The fused expert path (one cast, one shared act-order permutation, gate and up in one
+    matmul where that is exact, no module lookups) computes exactly what MLP computes with
+    the same QuantLinears one by one, for one token (decode) and several (prefill)."""
     from moe_edge.model.layers import MLP
     from moe_edge.quant.qlinear import QuantMLP, use_quant_mlps
 
@@ -139,12 +141,18 @@ def test_quant_mlp_is_bitwise_the_three_quant_linears(group, seeds, compute):
         t = gptq_layer(torch.randn(n, k) * 0.05, group, act_order=group < 128, seed=seed)
         return QuantLinear.from_gptq(t, False, CPU, torch.float32, compute_dtype=compute)
 
-    mlp = MLP(128, 64)
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = q(64, 128, seeds[0]), q(64, 128, seeds[1]), q(128, 64, seeds[2])
-    x = torch.randn(2, 3, 128)
-    ref = mlp(x)
-    assert use_quant_mlps(mlp) == 1 and type(mlp) is QuantMLP
-    if group < 128:  # act-order: gate and up permuted once when their orders are equal
-        assert (mlp.up_proj.perm is mlp.gate_proj.perm) == (seeds[0] == seeds[1])
-    assert torch.equal(mlp(x), ref)
-    assert torch.equal(mlp(x[:, :1]), ref[:, :1])  # decode: one token
+    for fuse in (False, True):
+        mlp = MLP(128, width)
+        mlp.gate_proj, mlp.up_proj = q(width, 128, seeds[0]), q(width, 128, seeds[1])
+        mlp.down_proj = q(128, width, seeds[2])
+        x = torch.randn(2, 7, 128)
+        ref = mlp(x)
+        assert use_quant_mlps(mlp, fuse=fuse) == 1 and type(mlp) is QuantMLP
+        same_order = group == 128 or seeds[0] == seeds[1]
+        fused = fuse and width % 64 == 0 and same_order
+        assert hasattr(mlp, "gate_up") == fused
+        if group < 128 and not fused:  # act-order: gate and up permuted once when equal
+            assert (mlp.up_proj.perm is mlp.gate_proj.perm) == (seeds[0] == seeds[1])
+        assert torch.equal(mlp(x), ref)
+        assert torch.equal(mlp(x[:, :1]), ref[:, :1])  # decode: one token
+        assert torch.equal(mlp(x[:1, :1]), ref[:1, :1])
