@@ -18,10 +18,10 @@ from ..model.layers import MLP, keep_bf16
 from ..model.weights import WeightMap, load_weights
 from ..quant.format import QuantConfig
 from ..quant.load import read_gptq
-from ..quant.qlinear import QuantLinear
+from ..quant.qlinear import QuantLinear, use_quant_mlps
 from .store import PAGE, PROJECTIONS, DiskStore, Entry, ExpertLayout, RamStore, pack_expert
 
-STORE_VERSION = 2  # bump when the on-disk expert layout changes (2: bf16 "dense16" experts)
+STORE_VERSION = 3  # bump when the on-disk expert layout changes (2: bf16 "dense16"; 3: fused gate_up)
 
 
 def expert_module(weights: WeightMap, config: ModelConfig, quant: QuantConfig | None, layer: int,
@@ -41,6 +41,7 @@ def expert_module(weights: WeightMap, config: ModelConfig, quant: QuantConfig | 
     load_weights(module, weights, device=device, dtype=dtype, prefix=prefix + ".")
     if keep16:
         keep_bf16(module, dtype)
+    use_quant_mlps(module)  # as api._finish does for resident experts: fused where exact
     return module
 
 
@@ -111,7 +112,8 @@ def fingerprint(model: Path, device: torch.device, dtype: torch.dtype, kernel: s
 
 def _save_layouts(folder: Path, stride: int, count: int, layouts: dict) -> None:
     items = [[l, e, [[x.name, str(x.dtype).removeprefix("torch."), list(x.shape), x.offset] for x in lay.entries],
-              [list(spec) for spec in lay.specs], lay.nbytes] for (l, e), lay in sorted(layouts.items())]
+              [list(spec) for spec in lay.specs], lay.nbytes, list(lay.projections)]
+             for (l, e), lay in sorted(layouts.items())]
     tmp = folder / "layouts.json.tmp"
     tmp.write_text(json.dumps({"version": STORE_VERSION, "stride": stride, "count": count, "experts": items}))
     os.replace(tmp, folder / "layouts.json")
@@ -125,6 +127,6 @@ def _open_cached(folder: Path):
     if raw.get("version") != STORE_VERSION or not (folder / "experts.bin").exists():
         return None
     layouts = {(l, e): ExpertLayout(tuple(Entry(n, getattr(torch, d), tuple(s), o) for n, d, s, o in entries),
-                                    tuple(tuple(spec) for spec in specs), nbytes)
-               for l, e, entries, specs, nbytes in raw["experts"]}
+                                    tuple(tuple(spec) for spec in specs), nbytes, tuple(projections))
+               for l, e, entries, specs, nbytes, projections in raw["experts"]}
     return DiskStore(folder / "experts.bin", raw["stride"], raw["count"], create=False), layouts

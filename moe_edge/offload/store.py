@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from ..model.layers import MLP, Linear16
-from ..quant.qlinear import QuantLinear, use_quant_mlps
+from ..quant.qlinear import QuantLinear, QuantMLP, use_quant_mlps
 
 ALIGN = 64  # every tensor starts 64-byte aligned inside an expert buffer
 PAGE = 4096  # expert strides are page multiples (positioned reads of whole pages)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+FUSED = ("gate_up", "down_proj")  # a QuantMLP with gate and up in one int4 matmul
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class ExpertLayout:
     entries: tuple[Entry, ...]
     specs: tuple[tuple, ...]  # per projection: ("dense",), ("dense16",) or ("quant", in, out, kernel, group, reason)
     nbytes: int
+    projections: tuple[str, ...] = PROJECTIONS  # or ("gate_up", "down_proj"): gate and up fused
+
+
+def _projections(expert: MLP) -> tuple[str, ...]:
+    return FUSED if "gate_up" in expert._modules else PROJECTIONS
 
 
 def _align(n: int, to: int) -> int:
@@ -66,7 +72,8 @@ def _tensors_of(proj: nn.Module) -> tuple[tuple, dict[str, torch.Tensor]]:
 def pack_expert(expert: MLP) -> tuple[ExpertLayout, torch.Tensor]:
     """One expert's tensors in one uint8 buffer (CPU) and the layout to read them back."""
     entries, specs, chunks, offset = [], [], [], 0
-    for proj_name in PROJECTIONS:
+    projections = _projections(expert)
+    for proj_name in projections:
         spec, tensors = _tensors_of(getattr(expert, proj_name))
         specs.append(spec)
         for name, t in tensors.items():
@@ -77,16 +84,18 @@ def pack_expert(expert: MLP) -> tuple[ExpertLayout, torch.Tensor]:
     buf = torch.zeros(_align(offset, PAGE), dtype=torch.uint8)
     for off, t in chunks:
         buf[off:off + t.numel() * t.element_size()] = t.view(-1).view(torch.uint8)
-    return ExpertLayout(tuple(entries), tuple(specs), offset), buf
+    return ExpertLayout(tuple(entries), tuple(specs), offset, projections), buf
 
 
 def expert_from_buffer(layout: ExpertLayout, buf: torch.Tensor, hidden: int, width: int) -> MLP:
-    """An MLP whose projections are views into `buf` (a slot): no copies, no allocations of
-    weight memory."""
+    """An MLP (a QuantMLP for int4 experts) whose projections are views into `buf` (a slot):
+    no copies, no allocations of weight memory."""
     views = {e.name: buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in layout.entries}
     with torch.device("meta"):
         expert = MLP(hidden, width)
-    for proj_name, spec in zip(PROJECTIONS, layout.specs):
+    if layout.projections == FUSED:
+        del expert.gate_proj, expert.up_proj
+    for proj_name, spec in zip(layout.projections, layout.specs):
         mine = {k.split(".", 1)[1]: v for k, v in views.items() if k.startswith(proj_name + ".")}
         if spec[0] in ("dense", "dense16"):
             proj = (Linear16 if spec[0] == "dense16" else nn.Linear)(1, 1, bias=False, device="meta")
@@ -99,7 +108,10 @@ def expert_from_buffer(layout: ExpertLayout, buf: torch.Tensor, hidden: int, wid
             for name, view in mine.items():
                 proj.register_buffer(name, view)
         setattr(expert, proj_name, proj)
-    use_quant_mlps(expert, fuse=False)  # views into the slot; bitwise a resident expert's output
+    if layout.projections == FUSED:
+        expert.__class__ = QuantMLP  # fused in the store already, as the resident experts are
+    else:  # views into the slot cannot be fused; bitwise the same output either way
+        use_quant_mlps(expert, fuse=False)
     return expert
 
 
