@@ -6,9 +6,9 @@ budget, CPU only, slow tier on disk. Prints JSON (and writes it with --out).
         --out build/bench_baselines_16bshape.json
 
 The model is a random Qwen2-MoE in DeepSeek-MoE's shapes (bench/_baseline_model.py), bf16 on
-disk, run in fp32 by every engine (the CPU default of moe-edge; PyTorch's bf16 CPU matmuls are
-slow, DESIGN.md). The budget is the dense part plus `--fraction` of the routed experts, in
-fp32 bytes. Engines, each in its own subprocess (so resident memory is its own), alternated
+disk. moe-edge computes in fp32 and, on a CPU with native bf16, keeps the bf16 weights bf16
+(`bf16_weights`); transformers runs in `--hf-dtype` (default float32). The budget is the
+dense part plus `--fraction` of the routed experts, in fp32 bytes, unless `--budget` is given. Engines, each in its own subprocess (so resident memory is its own), alternated
 within every repeat:
 
 - moe-edge: `load_offloaded(expert_cache=fraction, prefetch_depth=1, slow_tier="disk")`.

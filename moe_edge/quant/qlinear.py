@@ -140,11 +140,6 @@ class QuantLinear(nn.Module):
         zeros = self.zeros.T[:, self.g_idx].to(self.scales.dtype)
         return (q - zeros) * self.scales.T[:, self.g_idx]
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """What the kernel takes and returns (bf16 on the int4 kernels by default)."""
-        return self.act_dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode calls this hundreds of times per token: buffers are read from `_buffers`
         # (nn.Module's __getattr__ costs ~0.5 us a lookup) and nothing is done twice
@@ -213,7 +208,7 @@ def _fusable(mlp: nn.Module) -> bool:
     projs = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(p, QuantLinear) and p.kernel != "dequant" for p in projs):
         return False
-    return len({p.kernel for p in projs}) == 1 and len({p.compute_dtype for p in projs}) == 1
+    return len({p.kernel for p in projs}) == 1 and len({p.act_dtype for p in projs}) == 1
 
 
 FUSE_BLOCK = 64  # the CPU kernel computes output columns in blocks of 64
