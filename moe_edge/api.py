@@ -25,7 +25,7 @@ from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
-from .quant.qlinear import use_quant_mlps
+from .quant.qlinear import fuse_qkv, use_quant_mlps
 from .tokenizer import format_chat, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -84,10 +84,11 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
 
 def _finish(model: MoEForCausalLM, quant, device: torch.device, dtype: torch.dtype,
             bf16_weights: bool | None = None) -> None:
-    """Record the quantization, fuse int4 MLPs, keep bf16 weights bf16 (see load_model)."""
+    """Record the quantization, fuse int4 MLPs and q/k/v, keep bf16 weights bf16 (see load_model)."""
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
     use_quant_mlps(model)
+    fuse_qkv(model)
     model.kept_bf16 = keep_bf16(model, dtype) if keeps_bf16(device, dtype, bf16_weights) else []
 
 

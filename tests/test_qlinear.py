@@ -156,3 +156,46 @@ def test_quant_mlp_is_bitwise_the_three_quant_linears(group, seeds, compute, wid
         assert torch.equal(mlp(x), ref)
         assert torch.equal(mlp(x[:, :1]), ref[:, :1])  # decode: one token
         assert torch.equal(mlp(x[:1, :1]), ref[:1, :1])
+
+
+@pytest.mark.parametrize("family", [
+    dict(),  # DeepSeek, Mixtral: q and k rotate in one go
+    dict(qkv_bias=True),  # Qwen2-MoE
+    dict(qk_norm="head"),  # Qwen3-MoE
+    dict(qk_norm="full", clip_qkv=0.5),  # OLMoE
+    dict(num_kv_heads=2),  # GQA
+    dict(head_dim=24),  # widths of 96: never fused
+])
+def test_fused_qkv_attention_is_bitwise_the_three_projections(family):
+    """fuse_qkv joins q, k and v into one int4 matmul and rotates q and k together; prefill
+    and cached decode give exactly what the separate projections give."""
+    import copy
+    from moe_edge.config import ModelConfig
+    from moe_edge.model.attention import Attention, KVCache
+    from moe_edge.model.layers import rotary_cos_sin
+    from moe_edge.quant.qlinear import fuse_qkv
+
+    c = dict(model_type="deepseek", vocab_size=64, hidden_size=128, num_layers=1, num_heads=4,
+             num_kv_heads=4, head_dim=32, intermediate_size=64, num_experts=4, top_k=2,
+             moe_intermediate_size=64, moe_layers=(False,))
+    config = ModelConfig(**{**c, **family})
+    attn = Attention(config, 0)
+    H, K, Hd = config.num_heads, config.num_kv_heads, config.head_dim
+    for i, (name, n) in enumerate([("q_proj", H * Hd), ("k_proj", K * Hd), ("v_proj", K * Hd),
+                                   ("o_proj", 128)]):
+        t = gptq_layer(torch.randn(n, 128 if name != "o_proj" else H * Hd) * 0.05, 32,
+                       act_order=True, seed=0 if name != "o_proj" else 1)
+        if config.qkv_bias and name != "o_proj":
+            t.bias = torch.randn(n)
+        setattr(attn, name, QuantLinear.from_gptq(t, False, CPU, torch.float32))
+    fused = copy.deepcopy(attn)
+    assert fuse_qkv(fused) == ((H * Hd) % 64 == 0 and (K * Hd) % 64 == 0)
+    assert hasattr(fused, "qkv") == (not hasattr(fused, "q_proj"))
+    cos, sin = rotary_cos_sin(torch.arange(8), Hd, 10000.0, torch.float32)
+    x = torch.randn(1, 8, 128)
+    caches = [KVCache(config, 1, 16, torch.float32) for _ in range(2)]
+    outs = [m(x[:, :7], cos[:7], sin[:7], cache, 0) for m, cache in zip((attn, fused), caches)]
+    assert torch.equal(outs[0], outs[1])
+    outs = [m(x[:, 7:], cos[7:], sin[7:], cache, 7) for m, cache in zip((attn, fused), caches)]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(caches[0].k[0], caches[1].k[0]) and torch.equal(caches[0].v[0], caches[1].v[0])
