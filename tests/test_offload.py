@@ -57,6 +57,31 @@ def test_offloaded_equals_resident(ckpts, kind, slots, depth):
         lm.offload.close()
 
 
+@pytest.mark.parametrize("kind", ["gptq", "gptq-plain"])
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_experts_sharing_one_input_cast_is_bitwise(ckpts, kind, offloaded, monkeypatch):
+    """ExpertInput casts a layer's input once for all its int4 experts and keeps their
+    outputs in the kernel's dtype; prefill and decode logits equal those of every expert
+    casting its own input and output."""
+    from moe_edge.model.moe import ExpertInput
+    lm = load_offloaded(ckpts[kind], device="cpu", expert_cache=3) if offloaded else load(ckpts[kind], device="cpu")
+    ids = torch.tensor([lm.encode("One cast per layer, not one per expert.")])
+
+    def logits():
+        cache = lm.model.new_cache(1, 64)
+        with torch.no_grad():
+            return lm.model(ids[:, :-1], cache), lm.model(ids[:, -1:], cache)
+    try:
+        fast = logits()
+        monkeypatch.setattr(ExpertInput, "__call__",  # every expert called on its own
+                            lambda self, expert, rows=None: expert(self.x if rows is None else self.x[rows]))
+        slow = logits()
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    finally:
+        if offloaded:
+            lm.offload.close()
+
+
 @pytest.mark.parametrize("bf16_weights", [True, False])
 def test_bf16_experts_stay_bf16_in_store_slots_and_resident(ckpts, bf16_weights, monkeypatch):
     """A bf16 checkpoint on the CPU: experts keep their bf16 bytes in the store, the slots

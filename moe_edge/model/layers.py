@@ -27,6 +27,8 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     """SiLU-GLU: down(silu(gate(x)) * up(x)). Dense layers, shared experts and routed experts."""
 
+    kernel_dtype = None  # QuantMLP: the dtype `run` takes its input in (see model.moe.ExpertInput)
+
     def __init__(self, dim: int, width: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, width, bias=False)

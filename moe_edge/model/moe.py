@@ -61,6 +61,27 @@ class Router(nn.Module):
         return weights, ids
 
 
+class ExpertInput:
+    """One layer's input to its experts (routed and shared), cast once per kernel dtype.
+
+    Experts with a `kernel_dtype` (QuantMLP) take their input in it and answer in it: one
+    cast per layer instead of one in and one out per expert, bit for bit the same result.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.cast = x, {}
+
+    def __call__(self, expert: Expert, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """expert(x[rows]), in x's dtype or in the expert's kernel dtype."""
+        dtype = getattr(expert, "kernel_dtype", None)
+        if dtype is None:
+            return expert(self.x if rows is None else self.x[rows])
+        x = self.cast.get(dtype)
+        if x is None:
+            x = self.cast[dtype] = self.x.to(dtype)
+        return expert.run(x if rows is None else x[rows], self.x.dtype)
+
+
 class MoEBlock(nn.Module):
     """y = sum_a w_a * expert_{id_a}(x) + shared(x) (times sigmoid(shared_gate(x)) for Qwen2-MoE)."""
 
@@ -79,15 +100,16 @@ class MoEBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, D]
         weights, ids = self.gate(flat)
-        out = self.routed(flat, weights.to(x.dtype), ids)
+        inputs = ExpertInput(flat)
+        out = self.routed(inputs, weights.to(x.dtype), ids)
         if self.shared_experts is not None:
-            shared = self.shared_experts(flat)
+            shared = inputs(self.shared_experts).to(x.dtype)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
         return out.view(shape)
 
-    def routed(self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def routed(self, inputs: ExpertInput, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Group tokens by expert: one call per active expert on all of its tokens.
 
         Outputs land in a buffer with one row per (token, slot) and are summed over the k
@@ -96,12 +118,14 @@ class MoEBlock(nn.Module):
         `index_add_` costs milliseconds per call once another process competes for a core.
         """
         N, A = ids.shape
+        flat = inputs.x
         if N == 1:  # decode: k experts, one token
             slot = {e: i for i, e in enumerate(ids[0].tolist())}
             ys = [flat] * A
             for e, expert in self.experts.experts_for(sorted(slot)):
-                ys[slot[e]] = expert(flat)  # [1, D]
-            return (weights[0, :, None] * torch.cat(ys)).sum(0, keepdim=True)  # [A, D] -> [1, D]
+                ys[slot[e]] = inputs(expert)  # [1, D]
+            ys = torch.cat(ys).to(flat.dtype)  # [A, D]
+            return (weights[0, :, None] * ys).sum(0, keepdim=True)
         flat_ids = ids.reshape(-1)  # [N*A]
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.gate.weight.shape[0])
@@ -110,6 +134,6 @@ class MoEBlock(nn.Module):
         ys = flat.new_empty(N * A, flat.shape[1])  # [N*A, D] in expert order
         active = [e for e, c in enumerate(counts.tolist()) if c]
         for e, expert in self.experts.experts_for(active):
-            ys[starts[e]:starts[e + 1]] = expert(flat[token_of[starts[e]:starts[e + 1]]])
+            ys[starts[e]:starts[e + 1]] = inputs(expert, token_of[starts[e]:starts[e + 1]])
         ys = ys.index_select(0, torch.argsort(order)).view(N, A, -1)  # back to [N, A, D]
         return (weights[..., None] * ys).sum(1)

@@ -183,25 +183,32 @@ class QuantMLP(MLP):
     demo's 128->64 experts.
     """
 
+    @property
+    def kernel_dtype(self) -> torch.dtype:
+        return self._modules["down_proj"]._buffers["scale_zeros"].dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self._modules["down_proj"].out_features).to(self.kernel_dtype)
+        return self.run(x2, x.dtype).to(x.dtype).view(x.shape)
+
+    def run(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[M, D] in the kernel's dtype for `x2` [M, D] already in it; silu and the product
+        in `dtype` (the activations'), rounded once for down: exactly what the three
+        QuantLinears compute one by one. The MoE block casts a layer's input once for all
+        its experts through this (see model.moe.ExpertInput)."""
         m = self._modules
         down = m["down_proj"]
         if "gate_up" in m:
-            gate_up = m["gate_up"]
-            x2 = x.reshape(-1, gate_up.in_features).to(gate_up._buffers["scale_zeros"].dtype)
-            gu = int4_matmul(gate_up, x2)  # [M, 2I]: gate's columns, then up's
+            gu = int4_matmul(m["gate_up"], x2)  # [M, 2I]: gate's columns, then up's
             I = down.in_features
-            h = F.silu(gu[:, :I].to(x.dtype)) * gu[:, I:]
+            h = F.silu(gu[:, :I].to(dtype)) * gu[:, I:]
         else:
             gate, up = m["gate_proj"], m["up_proj"]
-            x2 = x.reshape(-1, gate.in_features).to(gate._buffers["scale_zeros"].dtype)
             perm = gate._buffers["perm"]
             xg = x2.index_select(1, perm) if perm is not None else x2.contiguous()
             xu = xg if up._buffers["perm"] is perm else None
-            # silu and the product in the activations' dtype, rounded once for down: exactly
-            # what the three QuantLinears compute one by one
-            h = F.silu(int4_matmul(gate, x2, xg).to(x.dtype)) * int4_matmul(up, x2, xu)
-        return int4_matmul(down, h.to(x2.dtype)).to(x.dtype).view(*x.shape[:-1], down.out_features)
+            h = F.silu(int4_matmul(gate, x2, xg).to(dtype)) * int4_matmul(up, x2, xu)
+        return int4_matmul(down, h.to(x2.dtype))
 
 
 def _fusable(mlp: nn.Module) -> bool:
