@@ -82,6 +82,28 @@ def test_experts_sharing_one_input_cast_is_bitwise(ckpts, kind, offloaded, monke
             lm.offload.close()
 
 
+def test_long_prompt_prefill_dequantised_offloaded_equals_resident(ckpts, monkeypatch):
+    """A prompt long enough for the dequantised prefill GEMM (int4_cpu.MIN_ROWS rows): the
+    offloaded model still equals the resident one bit for bit, and the logits are as close
+    to exact fp32 arithmetic (kernel="dequant") as the int4 kernel's own."""
+    from moe_edge.api import load_model
+    from moe_edge.quant import int4_cpu
+    ref = load(ckpts["gptq-plain"], device="cpu")
+    lm = load_offloaded(ckpts["gptq-plain"], device="cpu", expert_cache=3, slow_tier="disk")
+    ids = torch.randint(3, 250, (1, 2 * int4_cpu.MIN_ROWS))
+    try:
+        with torch.no_grad():
+            fast = ref.model(ids)
+            assert torch.equal(lm.model(ids), fast)
+            exact = load_model(ckpts["gptq-plain"], device="cpu", kernel="dequant")(ids)
+            monkeypatch.setattr(int4_cpu, "MIN_ROWS", 10**9)  # the int4 kernel for every matmul
+            kernel = ref.model(ids)
+        err = lambda a: ((a - exact).norm() / exact.norm()).item()
+        assert err(fast) < 1.25 * err(kernel)
+    finally:
+        lm.offload.close()
+
+
 @pytest.mark.parametrize("bf16_weights", [True, False])
 def test_bf16_experts_stay_bf16_in_store_slots_and_resident(ckpts, bf16_weights, monkeypatch):
     """A bf16 checkpoint on the CPU: experts keep their bf16 bytes in the store, the slots

@@ -199,3 +199,48 @@ def test_fused_qkv_attention_is_bitwise_the_three_projections(family):
     outs = [m(x[:, 7:], cos[7:], sin[7:], cache, 7) for m, cache in zip((attn, fused), caches)]
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(caches[0].k[0], caches[1].k[0]) and torch.equal(caches[0].v[0], caches[1].v[0])
+
+
+needs_dequant_gemm = pytest.mark.skipif(
+    not __import__("moe_edge.quant.int4_cpu", fromlist=["enabled"]).enabled(),
+    reason="the CPU kernel's packed layout is not one int4_cpu knows, or the CPU lacks native bf16")
+
+
+@needs_dequant_gemm
+@pytest.mark.parametrize("N, K, group, act_order", [(1408, 2048, 128, False), (2048, 1408, 128, True),
+                                                    (192, 320, 32, True), (128, 256, 64, False)])
+def test_prefill_dequantised_gemm_uses_the_kernels_own_weights(N, K, group, act_order, monkeypatch):
+    """From MIN_ROWS rows on, int4_matmul dequantises once and runs a bf16 GEMM: its weights
+    are bit for bit the ones the int4 kernel multiplies by (the kernel applied to the identity),
+    chunking does not change them, and the product is as close to the exact one as the kernel's."""
+    from moe_edge.quant import int4_cpu
+    from moe_edge.quant.qlinear import _INT4_MM, int4_matmul
+    t = gptq_layer(torch.randn(N, K) * 0.05, group, act_order=act_order, seed=1)
+    layer = QuantLinear.from_gptq(t, False, CPU, torch.float32)
+    kernel = _INT4_MM["int4-cpu"]
+    wt = int4_cpu.dequantized_t(layer, 0, N)  # [K, N]
+    assert torch.equal(wt, kernel(torch.eye(K, dtype=torch.bfloat16), layer.packed, layer.group,
+                                  layer.scale_zeros))
+    assert torch.equal(int4_cpu.dequantized_t(layer, 64, 128), wt[:, 64:128])
+    x = torch.randn(int4_cpu.MIN_ROWS + 3, K).to(torch.bfloat16)
+    exact = x.float() @ dequantize(t, False).float().T
+    xp = x.index_select(1, layer.perm) if layer.perm is not None else x
+    by_kernel = kernel(xp, layer.packed, layer.group, layer.scale_zeros)
+    y = int4_matmul(layer, x)
+    assert rel_err(y, exact) < 1.25 * rel_err(by_kernel, exact) and rel_err(y, by_kernel) < 4e-3
+    monkeypatch.setattr(int4_cpu, "CHUNK", 64 * K)  # 64 output rows at a time
+    assert rel_err(int4_matmul(layer, x), y) < 1e-3  # GEMM blocking moves a few last bits
+    assert not int4_cpu.usable(layer, x[: int4_cpu.MIN_ROWS - 1])  # decode and short prompts: the kernel
+
+
+def test_int4_cpu_layout_matches_the_kernels_packing():
+    """layout_block() names the packing _convert_weight_to_int4pack_for_cpu produced here, or
+    0 (the dequantised path off), never a wrong one."""
+    from moe_edge.quant import int4_cpu
+    block = int4_cpu.layout_block()
+    q = torch.randint(0, 16, (256, 128), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    if block:
+        assert torch.equal(int4_cpu._unpack(packed, block, 256, 128).int(), q)
+    else:
+        assert not any(torch.equal(int4_cpu._unpack(packed, b, 256, 128).int(), q) for b in (64, 32))

@@ -33,9 +33,10 @@ class KVCache:
         if end > self.capacity:
             raise ValueError(f"context full: {end} positions needed, the KV cache holds "
                              f"{self.capacity}; raise the context size")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        T = end - start
+        self.k[layer].narrow(2, start, T).copy_(k)  # narrow: no Python index parsing per call
+        self.v[layer].narrow(2, start, T).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
 
 class Attention(nn.Module):

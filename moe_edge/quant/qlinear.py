@@ -25,6 +25,7 @@ from torch import nn
 
 from ..memory import trim_heap
 from ..model.layers import MLP
+from . import int4_cpu
 from .format import GPTQTensors, unpack
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes tinygemm accepts
@@ -167,7 +168,10 @@ def int4_matmul(layer: QuantLinear, x2: torch.Tensor, permuted: torch.Tensor | N
     if permuted is None:
         perm = b["perm"]
         permuted = x2.index_select(1, perm) if perm is not None else x2.contiguous()
-    y = _INT4_MM[layer.kernel](permuted, b["packed"], layer.group, b["scale_zeros"])
+    if layer.kernel == "int4-cpu" and int4_cpu.usable(layer, permuted):  # prefill: many rows
+        y = int4_cpu.matmul(layer, permuted)
+    else:
+        y = _INT4_MM[layer.kernel](permuted, b["packed"], layer.group, b["scale_zeros"])
     return y if b["bias"] is None else y + b["bias"]
 
 
