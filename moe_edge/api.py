@@ -72,8 +72,9 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
         model = MoEForCausalLM(config)
     quant = read_quant_config(path)
     consumed = install_quantized(model, weights, quant, device, dtype, kernel) if quant else set()
-    load_weights(model, weights, consumed, device=device, dtype=dtype)
-    _finish(model, quant, device, dtype, bf16_weights)
+    keep16 = keeps_bf16(device, dtype, bf16_weights)
+    load_weights(model, weights, consumed, device=device, dtype=dtype, keep16=keep16)
+    _finish(model, quant, dtype, keep16)
     trim_heap()
     if kernel == "auto" and model.quant_kernels.get("dequant"):
         reasons = sorted({m.reason for m in model.modules() if getattr(m, "kernel", "") == "dequant"})
@@ -82,14 +83,13 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     return model.eval()
 
 
-def _finish(model: MoEForCausalLM, quant, device: torch.device, dtype: torch.dtype,
-            bf16_weights: bool | None = None) -> None:
+def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool) -> None:
     """Record the quantization, fuse int4 MLPs and q/k/v, keep bf16 weights bf16 (see load_model)."""
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
     use_quant_mlps(model)
     fuse_qkv(model)
-    model.kept_bf16 = keep_bf16(model, dtype) if keeps_bf16(device, dtype, bf16_weights) else []
+    model.kept_bf16 = keep_bf16(model, dtype) if keep16 else []
 
 
 @dataclass
@@ -241,8 +241,8 @@ def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel, keep16: 
     consumed = install_quantized(model, weights, quant, device, dtype, kernel,
                                  skip=lambda p: bool(EXPERT.match(p))) if quant else set()
     consumed |= {n for n in weights.sources if EXPERT.match(n)}
-    load_weights(model, weights, consumed, device=device, dtype=dtype)
-    _finish(model, quant, device, dtype, keep16)
+    load_weights(model, weights, consumed, device=device, dtype=dtype, keep16=keep16)
+    _finish(model, quant, dtype, keep16)
     return model.eval(), weights, quant
 
 

@@ -109,9 +109,16 @@ def test_bf16_experts_stay_bf16_in_store_slots_and_resident(ckpts, bf16_weights,
     """A bf16 checkpoint on the CPU: experts keep their bf16 bytes in the store, the slots
     and the resident model alike (half what a miss reads), and the outputs stay equal."""
     import moe_edge.model.layers as layers
+    import moe_edge.model.weights as weights
     from moe_edge.info import model_info
     monkeypatch.setattr(layers, "BF16_MIN_LINEAR", 0)  # these test experts are tiny
+    assigned, assign = {}, weights._assign
+    monkeypatch.setattr(weights, "_assign", lambda m, name, t: (assigned.__setitem__(name, t.dtype), assign(m, name, t)))
     ref = load(ckpts["bf16"], device="cpu", bf16_weights=bf16_weights)
+    # kept weights are loaded as stored, never widened to fp32 on the way
+    kept = {f"{name}.weight" for name in ref.model.kept_bf16}
+    assert bool(kept) == bf16_weights and all(assigned[n] == torch.bfloat16 for n in kept)
+    assert all(dtype == torch.float32 for n, dtype in assigned.items() if n not in kept)
     lm = load_offloaded(ckpts["bf16"], device="cpu", expert_cache=3, prefetch_depth=1,
                         slow_tier="disk", bf16_weights=bf16_weights)
     try:

@@ -108,9 +108,12 @@ def keep_bf16(model: nn.Module, dtype: torch.dtype) -> list[str]:
             continue
         w = module.weight
         if id(w) not in converted:  # tied embeddings share one parameter
-            if w.dtype != torch.float32 or not torch.equal(w.data.to(torch.bfloat16).float(), w.data):
+            if w.dtype == torch.bfloat16:  # loaded as stored (load_weights with keep16)
+                converted[id(w)] = w
+            elif w.dtype != torch.float32 or not torch.equal(w.data.to(torch.bfloat16).float(), w.data):
                 continue
-            converted[id(w)] = nn.Parameter(w.data.to(torch.bfloat16), requires_grad=False)
+            else:
+                converted[id(w)] = nn.Parameter(w.data.to(torch.bfloat16), requires_grad=False)
         module.__class__ = cls
         module.weight = converted[id(w)]
         if cls is Embedding16:

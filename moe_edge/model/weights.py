@@ -17,6 +17,7 @@ from torch import nn
 from ..checkpoint import CheckpointReader
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from .layers import stays_bf16
 
 # Tensors some writers include that carry no weights (recomputed rotary frequencies).
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -122,13 +123,16 @@ def expected_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = frozenset(),
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 prefix: str = "") -> None:
+                 prefix: str = "", keep16: bool = False) -> None:
     """Fill every parameter of `model` (possibly on the meta device) from `weights`.
 
     Checks each shape against the config, and that the checkpoint has no tensors the model
     does not understand (a sign of a config that does not match the weights). `consumed`
     names tensors another loader (the GPTQ one) already placed. With `prefix` (e.g.
     "model.layers.3."), `model` is that part of the whole model: one layer, read alone.
+    With `keep16`, bf16 tensors that `layers.keep_bf16` would keep in bf16 are loaded as they
+    are, never widened to `dtype` first (on DeepSeek-MoE-16B the embeddings and lm_head
+    would pass through 1.7 GB of fp32).
     """
     params = expected_tensors(model)
     for local, param in params.items():
@@ -141,7 +145,8 @@ def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = froz
                 f"{weights.reader.file_of(weights.sources[name].name)}: tensor {name!r} has shape "
                 f"{list(tensor.shape)}, but config.json implies {list(param.shape)}; the weights "
                 "and config.json do not belong together")
-        _assign(model, local, tensor.to(device=device, dtype=dtype))
+        kept = keep16 and tensor.dtype == torch.bfloat16 and _stays_bf16(model, local, tensor)
+        _assign(model, local, tensor.to(device=device, dtype=torch.bfloat16 if kept else dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if prefix:
@@ -151,6 +156,11 @@ def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = froz
         raise CheckpointError(f"{weights.reader.folder}: tensors the model does not use, e.g. "
                               f"{unknown[0]!r} ({len(unknown)} in all); is config.json's "
                               "model_type right for these weights?")
+
+
+def _stays_bf16(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    return attr == "weight" and stays_bf16(type(model.get_submodule(module_name)), tensor.numel())
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

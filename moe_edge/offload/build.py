@@ -38,7 +38,7 @@ def expert_module(weights: WeightMap, config: ModelConfig, quant: QuantConfig | 
             tensors = read_gptq(weights, name, quant, getattr(module, proj))
             setattr(module, proj, QuantLinear.from_gptq(tensors, quant.v2, device, dtype, kernel))
     # the 16-bit projections (a QuantLinear has no parameters, so it is skipped)
-    load_weights(module, weights, device=device, dtype=dtype, prefix=prefix + ".")
+    load_weights(module, weights, device=device, dtype=dtype, prefix=prefix + ".", keep16=keep16)
     if keep16:
         keep_bf16(module, dtype)
     use_quant_mlps(module)  # as api._finish does for resident experts: fused where exact
