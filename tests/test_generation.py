@@ -146,3 +146,13 @@ def test_real_model_streaming_equals_generate_and_seed_reproducible(tiny_deepsee
     greedy = [lm.generate("Hello", temperature=0, max_new_tokens=20).token_ids for _ in range(2)]
     assert greedy[0] == greedy[1]
     assert again.prompt_tokens == len(lm.encode("Hello")) and again.decode_tps > 0
+
+
+@pytest.mark.parametrize("prompt_len, trims", [(8, 0), (64, 1)])
+def test_long_prompts_hand_their_temporaries_back_once(prompt_len, trims, monkeypatch):
+    """After a long prompt's prefill the freed heap goes back to the OS (once, not per token)."""
+    import moe_edge.generation as generation
+    calls = []
+    monkeypatch.setattr(generation, "trim_heap", lambda: calls.append(1))
+    run(text_ids("abcdefgh") * 4 + [1], prompt=[5] * prompt_len)
+    assert len(calls) == trims

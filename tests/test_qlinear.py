@@ -222,7 +222,9 @@ def test_prefill_dequantised_gemm_uses_the_kernels_own_weights(N, K, group, act_
     assert torch.equal(wt, kernel(torch.eye(K, dtype=torch.bfloat16), layer.packed, layer.group,
                                   layer.scale_zeros))
     assert torch.equal(int4_cpu.dequantized_t(layer, 64, 128), wt[:, 64:128])
+    monkeypatch.setattr(int4_cpu, "CALL_ROWS", 0)  # small test weights: take the path anyway
     x = torch.randn(int4_cpu.MIN_ROWS + 3, K).to(torch.bfloat16)
+    assert int4_cpu.usable(layer, x)
     exact = x.float() @ dequantize(t, False).float().T
     xp = x.index_select(1, layer.perm) if layer.perm is not None else x
     by_kernel = kernel(xp, layer.packed, layer.group, layer.scale_zeros)

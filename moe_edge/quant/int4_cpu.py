@@ -3,8 +3,8 @@
 PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) computes a few rows at a time and
 dequantises the weight again for each: 2048 -> 2816 costs ~66 us per row from 8 rows up, so
 a 512-token prompt spends 34 ms in one such matmul. Dequantising the weight once (~3 ms) and
-multiplying in bf16 (AMX/AVX512-BF16: 4 ms for 512 rows) is 4x faster from ~64 rows on; the
-16B-shaped model's 512-token prefill went from 33 to 59-85 tokens/s.
+multiplying in bf16 (AMX/AVX512-BF16: 4 ms for 512 rows) is 4x faster at 512 rows; the
+16B-shaped model's 512-token prefill went from 27 to 48-53 tokens/s (side by side).
 
 The weights are those the kernel uses, rounded once to bf16: logits differ from the kernel's
 by ~2e-3 (relative), the size of the bf16 rounding of the activations it already makes.
@@ -21,7 +21,12 @@ import functools
 
 import torch
 
-MIN_ROWS = 80  # from this many rows on the dequantised GEMM is faster (crossover 64-80 rows)
+# When it pays (2 threads, AMX; 80, 128 and 512 rows through 128x128 ... 2816x2048 weights):
+# the kernel costs ~11 ps per weight and row, dequantising ~0.9 ns per weight plus ~0.1 ms a
+# call, the bf16 GEMM ~1 ps per weight and row. So rows >= MIN_ROWS + CALL_ROWS / weights:
+# ~90 rows for DeepSeek-16B's matrices, ~130 for 512x512, never at the demo's 128x128 sizes.
+MIN_ROWS = 90  # dequantising a weight costs what ~85 rows through the kernel do
+CALL_ROWS = 10_000_000  # a call's fixed cost, in weight-rows of the kernel
 CHUNK = 2**22  # weights dequantised at a time: bounds the transient memory (~24 MiB)
 
 
@@ -52,8 +57,9 @@ def _unpack(packed: torch.Tensor, block: int, N: int, K: int) -> torch.Tensor:
 
 def usable(layer, x: torch.Tensor) -> bool:
     """Whether `layer` (an int4-cpu QuantLinear) should multiply `x` [M, K] dequantised."""
-    return (x.shape[0] >= MIN_ROWS and x.dtype == torch.bfloat16 and enabled()
-            and layer.out_features % layout_block() == 0)
+    weights = layer.out_features * layer.in_features
+    return (x.shape[0] >= MIN_ROWS + CALL_ROWS / weights and x.dtype == torch.bfloat16
+            and enabled() and layer.out_features % layout_block() == 0)
 
 
 def dequantized_t(layer, n0: int, n1: int) -> torch.Tensor:
