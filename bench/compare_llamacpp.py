@@ -172,7 +172,7 @@ def run_moe_edge(args, prompt: list[int]) -> dict:
     import moe_edge
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    lm = moe_edge.load(args.model, device="cpu")
+    lm = moe_edge.load(args.model, device="cpu", lm_head=args.lm_head)
     load_s = time.perf_counter() - t0
     greedy = dict(temperature=0, repetition_penalty=1.0, stop=(), eos_token_ids=())
     lm.generate(prompt[:16], max_new_tokens=4, **greedy)  # warm-up
@@ -195,6 +195,7 @@ def spawn(engine: str, args, prompt_file: str) -> dict:
            "--threads", str(args.threads)]
     cmd += [flag for flag, on in (("--flash-attn", args.flash_attn), ("--llama-mmap", args.llama_mmap),
                                   ("--llama-amx", args.llama_amx)) if on]
+    cmd += ["--lm-head", args.lm_head] if args.lm_head else []
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -305,6 +306,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lm-head", choices=["int8"], default=None,
+                    help="moe-edge's lm_head in int8 (llama.cpp's GGUF keeps it in Q8_0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (default off)")
     ap.add_argument("--llama-mmap", action="store_true",
@@ -324,7 +327,8 @@ def main() -> None:
               "gguf_bytes": args.gguf.stat().st_size, "threads": args.threads,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "llama_cpp_python": llama_cpp.__version__, "llama_flash_attn": args.flash_attn,
-              "llama_mmap": args.llama_mmap, "llama_amx": args.llama_amx, "machine": machine()}
+              "llama_mmap": args.llama_mmap, "llama_amx": args.llama_amx, "moe_edge_lm_head": args.lm_head,
+              "machine": machine()}
     if args.check:
         result["greedy_f32"] = greedy_check(args.check, args.check_prompt_tokens, args.check_new_tokens,
                                             args.threads)

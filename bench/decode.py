@@ -40,10 +40,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lm-head", choices=["int8"], default=None, help="an int8 lm_head (see quant/int8.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, resolve_device(args.device), args.dtype)
+    model = load_model(args.model, resolve_device(args.device), args.dtype, lm_head=args.lm_head)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, model.config.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
     run_once(model, prompt[:16], 4)  # warm-up

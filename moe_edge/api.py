@@ -25,6 +25,7 @@ from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
+from .quant.int8 import LM_HEADS, int8_lm_head
 from .quant.qlinear import fuse_qkv, use_quant_mlps
 from .tokenizer import format_chat, load_tokenizer
 
@@ -54,7 +55,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load_model(path: str | Path, device: str | torch.device = "auto",
                dtype: str | torch.dtype | None = None, kernel: str = "auto",
-               bf16_weights: bool | None = None) -> MoEForCausalLM:
+               bf16_weights: bool | None = None, lm_head: str | None = None) -> MoEForCausalLM:
     """The model alone (no tokenizer), every weight resident on `device`.
 
     GPTQ checkpoints get 4-bit layers; `kernel` is "auto" (int4 where the shape allows,
@@ -62,11 +63,13 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     `bf16_weights`: on the CPU with fp32 activations, embeddings and Linear weights that the
     checkpoint stores in bf16 stay bf16 (see `keep_bf16`): half the memory and bytes per
     token, each matmul's input rounded to bf16. Default: when the CPU has native bf16
-    (`info.native_bf16`); False upcasts them (exact fp32).
+    (`info.native_bf16`); False upcasts them (exact fp32). `lm_head="int8"` quantizes a
+    16-bit lm_head to int8 at load, on the CPU (see quant/int8.py): half its bytes per token.
     """
     config = load_config(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    _check_lm_head(lm_head, device)
     weights = WeightMap(CheckpointReader(path), config)
     with torch.device("meta"):
         model = MoEForCausalLM(config)
@@ -74,7 +77,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     consumed = install_quantized(model, weights, quant, device, dtype, kernel) if quant else set()
     keep16 = keeps_bf16(device, dtype, bf16_weights)
     load_weights(model, weights, consumed, device=device, dtype=dtype, keep16=keep16)
-    _finish(model, quant, dtype, keep16)
+    _finish(model, quant, dtype, keep16, lm_head)
     trim_heap()
     if kernel == "auto" and model.quant_kernels.get("dequant"):
         reasons = sorted({m.reason for m in model.modules() if getattr(m, "kernel", "") == "dequant"})
@@ -83,13 +86,24 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     return model.eval()
 
 
-def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool) -> None:
-    """Record the quantization, fuse int4 MLPs and q/k/v, keep bf16 weights bf16 (see load_model)."""
+def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
+            lm_head: str | None = None) -> None:
+    """Record the quantization, fuse int4 MLPs and q/k/v, keep bf16 weights bf16, quantize
+    the lm_head if asked (see load_model)."""
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
     use_quant_mlps(model)
     fuse_qkv(model)
     model.kept_bf16 = keep_bf16(model, dtype) if keep16 else []
+    model.lm_head_int8 = lm_head == "int8" and int8_lm_head(model)
+
+
+def _check_lm_head(lm_head: str | None, device: torch.device) -> None:
+    if lm_head not in LM_HEADS:
+        raise ConfigError(f"lm_head {lm_head!r} is not supported; use int8 or leave it as stored")
+    if lm_head == "int8" and device.type != "cpu":
+        raise ConfigError("lm_head int8 runs on the CPU's _weight_int8pack_mm; on a GPU leave "
+                          "the lm_head as stored")
 
 
 @dataclass
@@ -175,7 +189,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
                    policy: str = "lru", slow_tier: str = "auto",
                    dtype: str | torch.dtype | None = None, kernel: str = "auto", context: int = 4096,
                    offload_dir: str | Path | None = None, threaded: bool = True,
-                   bf16_weights: bool | None = None) -> LoadedModel:
+                   bf16_weights: bool | None = None, lm_head: str | None = None) -> LoadedModel:
     """Load a checkpoint with its routed experts offloaded: the dense part resident on
     `device`, a fixed cache of expert slots there (LRU), the rest in host RAM or on disk,
     the next layers' experts prefetched from router predictions.
@@ -186,7 +200,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     "ram" or "disk". `prefetch_depth` 0 turns prediction off; `prefetch_width` experts are
     predicted per layer (default top-k; wider raises recall at the cost of bandwidth).
     `bf16_weights` as in `load_model`: a bf16 checkpoint's experts then stay bf16 in the
-    store and the slots, half the bytes per load.
+    store and the slots, half the bytes per load; `lm_head` as in `load_model`.
 
     >>> lm = moe_edge.load_offloaded("deepseek-moe-16b-chat-gptq-w4g128", expert_cache="4GB")
     >>> lm.generate("Hello", max_new_tokens=32).text
@@ -207,9 +221,10 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     if slow_tier not in ("ram", "disk") or (slow_tier == "disk" and device.type != "cpu"):
         raise ConfigError(f"slow tier {slow_tier!r} with device {device.type}: use ram (any "
                           "device) or disk (with device cpu)")
+    _check_lm_head(lm_head, device)
     available = available_memory(device)  # before the dense part takes its share
     keep16 = keeps_bf16(device, dtype, bf16_weights)
-    model, weights, quant = _dense_part(path, config, device, dtype, kernel, keep16)
+    model, weights, quant = _dense_part(path, config, device, dtype, kernel, keep16, lm_head)
     store, layouts, index_of = build_store(weights, config, quant, device, dtype, kernel,
                                            slow_tier, offload_dir, keep16)
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -229,7 +244,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     return _with_tokenizer(path, model, OffloadRuntime(cache, plan, prefetcher))
 
 
-def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel, keep16: bool):
+def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel, keep16: bool, lm_head=None):
     """The model without its routed experts, resident on `device`."""
     weights = WeightMap(CheckpointReader(path), config)
     with torch.device("meta"):
@@ -242,19 +257,21 @@ def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel, keep16: 
                                  skip=lambda p: bool(EXPERT.match(p))) if quant else set()
     consumed |= {n for n in weights.sources if EXPERT.match(n)}
     load_weights(model, weights, consumed, device=device, dtype=dtype, keep16=keep16)
-    _finish(model, quant, dtype, keep16)
+    _finish(model, quant, dtype, keep16, lm_head)
     return model.eval(), weights, quant
 
 
 def load(path: str | Path, device: str | torch.device = "auto",
-         dtype: str | torch.dtype | None = None, bf16_weights: bool | None = None) -> LoadedModel:
+         dtype: str | torch.dtype | None = None, bf16_weights: bool | None = None,
+         lm_head: str | None = None) -> LoadedModel:
     """Load a Hugging Face MoE checkpoint folder fully resident on `device`.
 
     >>> lm = moe_edge.load("path/to/deepseek-moe-16b-chat", device="cpu")
     >>> lm.generate("The capital of France is", temperature=0).text
     """
     path = Path(path)
-    return _with_tokenizer(path, load_model(path, device, dtype, bf16_weights=bf16_weights))
+    return _with_tokenizer(path, load_model(path, device, dtype, bf16_weights=bf16_weights,
+                                            lm_head=lm_head))
 
 
 def load_auto(path: str | Path, device: str | torch.device = "auto", expert_cache="auto",
@@ -268,9 +285,9 @@ def load_auto(path: str | Path, device: str | torch.device = "auto", expert_cach
     from .info import model_info
     if expert_cache == "auto":
         device_ = resolve_device(device)
-        bf16_weights = offload.get("bf16_weights")
+        bf16_weights, lm_head = offload.get("bf16_weights"), offload.get("lm_head")
         info = model_info(path, device_, resolve_dtype(dtype, device_), "auto", context,
-                          bf16_weights=bf16_weights)
+                          bf16_weights=bf16_weights, lm_head=lm_head)
         if info.plan is not None and info.plan.slots_per_layer == info.experts_per_layer:
-            return load(path, device, dtype, bf16_weights)
+            return load(path, device, dtype, bf16_weights, lm_head)
     return load_offloaded(path, device, expert_cache, dtype=dtype, context=context, **offload)

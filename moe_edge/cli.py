@@ -66,6 +66,9 @@ RUNTIME = _options(
     click.option("--no-prefetch", is_flag=True, help="Same as --prefetch-depth 0."),
     click.option("-t", "--threads", type=click.IntRange(1), default=None,
                  help="CPU threads [default: the physical cores]."),
+    click.option("--lm-head", type=click.Choice(["int8"]), default=None,
+                 help="int8: quantize a 16-bit lm_head at load (CPU; half its bytes per token, "
+                 "~1% logit change) [default: as stored]."),
     click.option("--offline", is_flag=True, help="Never download; a Hugging Face id must be cached."),
 )
 
@@ -112,7 +115,7 @@ def _resolve(model: str | None, offline: bool):
 
 
 def _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch, threads, ctx_size,
-          demo_cache="50%"):
+          lm_head=None, demo_cache="50%"):
     """(LoadedModel, ModelInfo, context, prefetch depth, note) for a resolved (folder, is_demo)."""
     import torch
     from .api import load_auto, resolve_device, resolve_dtype
@@ -125,9 +128,10 @@ def _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch, threa
     expert_cache = int(expert_cache) if str(expert_cache).isdigit() else expert_cache
     depth = 0 if no_prefetch else prefetch_depth
     dev = resolve_device(device)
-    info = model_info(path, dev, resolve_dtype(dtype, dev), expert_cache)
+    info = model_info(path, dev, resolve_dtype(dtype, dev), expert_cache, lm_head=lm_head)
     context = min(ctx_size or 4096, info.max_context)
-    lm = load_auto(path, device, expert_cache, dtype=dtype, context=context, prefetch_depth=depth)
+    lm = load_auto(path, device, expert_cache, dtype=dtype, context=context, prefetch_depth=depth,
+                   lm_head=lm_head)
     return lm, info, context, depth, DEMO_NOTE if is_demo else None
 
 
@@ -147,7 +151,7 @@ def _params(lm, temp, top_p, top_k, min_p, max_tokens, seed):
 @SAMPLING
 @OUTPUT
 def chat(model, prompt, interactive, as_json, device, dtype, expert_cache, prefetch_depth,
-         no_prefetch, threads, offline, temp, top_p, top_k, min_p, max_tokens, seed, ctx_size,
+         no_prefetch, threads, lm_head, offline, temp, top_p, top_k, min_p, max_tokens, seed, ctx_size,
          system_prompt, stats, quiet):
     """Talk to MODEL (a checkpoint folder, a Hugging Face id, or `demo`; default: the bundled
     demo). With PROMPT, or text piped on stdin, answer once and exit."""
@@ -161,7 +165,7 @@ def chat(model, prompt, interactive, as_json, device, dtype, expert_cache, prefe
         raise ConfigError("nothing to answer: the prompt is empty (run `moe-edge chat` in a "
                           "terminal for a conversation)")
     lm, info, context, depth, note = _load(model, device, dtype, expert_cache, prefetch_depth,
-                                           no_prefetch, threads, ctx_size)
+                                           no_prefetch, threads, ctx_size, lm_head)
     session = ChatSession(lm, system_prompt, context,
                           _params(lm, temp, top_p, top_k, min_p, max_tokens, seed))
     if one_shot:
@@ -181,14 +185,14 @@ def chat(model, prompt, interactive, as_json, device, dtype, expert_cache, prefe
 @SAMPLING
 @OUTPUT
 def generate(model, prompt, raw, as_json, device, dtype, expert_cache, prefetch_depth, no_prefetch,
-             threads, offline, temp, top_p, top_k, min_p, max_tokens, seed, ctx_size,
+             threads, lm_head, offline, temp, top_p, top_k, min_p, max_tokens, seed, ctx_size,
              system_prompt, stats, quiet):
     """One-shot completion of PROMPT with MODEL, for scripts (stats on stderr)."""
     from .chat import ChatSession, Reply
     model = _resolve(model, offline)
     text = sys.stdin.read() if prompt == "-" else prompt
     lm, _, context, _, _ = _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch,
-                                 threads, ctx_size)
+                                 threads, ctx_size, lm_head)
     session = ChatSession(lm, system_prompt, context,
                           _params(lm, temp, top_p, top_k, min_p, max_tokens, seed))
     reply = Reply(session, lm.encode(text), 0) if raw else session.ask(text)
@@ -220,10 +224,11 @@ def _answer_once(reply, lm, stats: bool, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default=None)
 @click.option("-c", "--ctx-size", type=click.IntRange(16), default=4096, show_default=True)
+@click.option("--lm-head", type=click.Choice(["int8"]), default=None, help="Plan for an int8 lm_head.")
 @click.option("--offline", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @VERBOSE
-def info(model, devices, expert_cache, device, dtype, ctx_size, offline, as_json):
+def info(model, devices, expert_cache, device, dtype, ctx_size, lm_head, offline, as_json):
     """Architecture, parameters (total and active), experts, quantization and memory plan
     of MODEL (default: the bundled demo), read from headers only."""
     from . import cli_ui
@@ -231,7 +236,8 @@ def info(model, devices, expert_cache, device, dtype, ctx_size, offline, as_json
     from .info import devices as list_devices, model_info
     dev = resolve_device(device)
     cache = int(expert_cache) if expert_cache.isdigit() else expert_cache
-    result = model_info(_resolve(model, offline)[0], dev, resolve_dtype(dtype, dev), cache, ctx_size)
+    result = model_info(_resolve(model, offline)[0], dev, resolve_dtype(dtype, dev), cache, ctx_size,
+                        lm_head=lm_head)
     found = list_devices() if devices else None
     if as_json:
         cli_ui.echo_json({**result.to_dict(), **({"devices": found} if found else {})})

@@ -68,9 +68,10 @@ class ModelInfo:
 
 def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                expert_cache="auto", context: int = 4096, slow_tier: str | None = None,
-               bf16_weights: bool | None = None) -> ModelInfo:
+               bf16_weights: bool | None = None, lm_head: str | None = None) -> ModelInfo:
     """Sizes from tensor headers (nothing is read but the headers) and the plan
-    `load_offloaded` would make for `expert_cache` on `device`."""
+    `load_offloaded` would make for `expert_cache` on `device` (with `bf16_weights` and
+    `lm_head` as `load_offloaded` takes them)."""
     path, device = Path(path), torch.device(device)
     config, quant = load_config(path), read_quant_config(path)
     weights = WeightMap(CheckpointReader(path), config)
@@ -84,6 +85,8 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         runtime = stored if _is_quantized(name) else numel * dtype.itemsize
         if keep16 and _kept16(name, weights.shape(name)) and weights.reader.stored_dtype(source) == "BF16":
             runtime = stored  # kept bf16: embeddings and large Linear weights
+        if lm_head == "int8" and name == "lm_head.weight":
+            runtime = numel + 2 * weights.shape(name)[0]  # int8 weights, a bf16 scale per row
         checkpoint += stored
         total += params
         if EXPERT.match(name):
@@ -91,6 +94,9 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         else:
             active += params
             dense += runtime
+    if lm_head == "int8" and config.tie_word_embeddings and "lm_head.weight" not in weights.sources:
+        # tied to the embeddings, which stay: the int8 head is a copy
+        dense += config.vocab_size * (config.hidden_size + 2)
     L, E, k = len(config.moe_layer_ids), config.num_experts, config.top_k
     expert_bytes = experts_total // (L * E)
     active += (total - active) * k // E

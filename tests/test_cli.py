@@ -65,6 +65,19 @@ def test_json_and_stats(gptq):
     assert r.exit_code == 0 and "tok/s" in r.stderr and "experts" in r.stderr and "hit" in r.stderr
 
 
+def test_lm_head_int8_flag_reaches_the_model_and_the_plan(gptq):
+    """--lm-head int8 loads an int8 head (resident and offloaded) and `info` plans for it."""
+    for cache in ("auto", "50%"):
+        r = run("generate", gptq, "-p", "hello", "--raw", *GREEDY, "--expert-cache", cache,
+                "--lm-head", "int8", "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["generated_tokens"] >= 1
+    plain, int8 = (json.loads(run("info", gptq, "--json", *flags).stdout)
+                   for flags in ((), ("--lm-head", "int8")))
+    assert int8["dense_bytes"] < plain["dense_bytes"]
+    assert "Invalid value for '--lm-head'" in run("generate", gptq, "-p", "x", "--lm-head", "int4").output
+
+
 def test_interactive_session_runs_every_slash_command(gptq, tmp_path):
     transcript = tmp_path / "chat.json"
     turns = "\n".join([

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_edge.api import load, load_model
-from moe_edge.errors import CheckpointError
+from moe_edge.errors import CheckpointError, ConfigError
 from moe_edge.quant.format import dequantize
 from moe_edge.quant.qlinear import QuantLinear
 from moe_edge.testing import edit_weights, gptq_layer, write_gptq_checkpoint
@@ -246,3 +246,46 @@ def test_int4_cpu_layout_matches_the_kernels_packing():
         assert torch.equal(int4_cpu._unpack(packed, block, 256, 128).int(), q)
     else:
         assert not any(torch.equal(int4_cpu._unpack(packed, b, 256, 128).int(), q) for b in (64, 32))
+
+
+def test_int8_lm_head_rounds_each_weight_to_its_row_step():
+    """Int8Linear: int8 codes and one bf16 scale per row (half the bytes of bf16), every
+    weight within one step of its value, products close to the fp32 ones."""
+    from moe_edge.quant.int8 import Int8Linear
+    w = torch.randn(300, 128) * torch.rand(300, 1)  # rows of different scales
+    w[7] = 0  # an all-zero row stays zero
+    head = Int8Linear(w, rows=64)  # several blocks of rows
+    q, s = head.weight_int8, head.scales.float()[:, None]
+    assert q.dtype == torch.int8 and head.scales.dtype == torch.bfloat16 and q.abs().max() <= 127
+    assert ((q.float() * s - w).abs() <= s * 0.51 + 1e-6).all()
+    assert torch.equal(q[7], torch.zeros(128, dtype=torch.int8))
+    x = torch.randn(3, 5, 128)
+    assert rel_err(head(x), F.linear(x, w)) < 1e-2 and head(x).shape == (3, 5, 300)
+
+
+def test_int8_lm_head_load_option(gptq_ckpt):
+    """load(lm_head="int8") swaps the checkpoint's head for an Int8Linear, close to it; info
+    and the offload plan count its bytes alike; unknown values are refused by name."""
+    from moe_edge.api import load_offloaded
+    from moe_edge.info import model_info
+    from moe_edge.quant.int8 import Int8Linear
+    gptq_ckpt = gptq_ckpt[1]
+    ref, lm = load(gptq_ckpt, device="cpu"), load(gptq_ckpt, device="cpu", lm_head="int8")
+    assert isinstance(lm.model.lm_head, Int8Linear) and lm.model.lm_head_int8
+    assert not ref.model.lm_head_int8
+    ids = torch.tensor([ref.encode("An int8 head reads half the bytes.")])
+    with torch.no_grad():
+        assert rel_err(lm.model(ids), ref.model(ids)) < 2e-2
+    off = load_offloaded(gptq_ckpt, device="cpu", expert_cache=3, lm_head="int8")
+    try:
+        plain, int8 = (model_info(gptq_ckpt, "cpu", torch.float32, 3, lm_head=h) for h in (None, "int8"))
+        V, D = ref.config.vocab_size, ref.config.hidden_size
+        assert plain.dense_bytes - int8.dense_bytes == V * D * 4 - (V * D + 2 * V)  # fp32 -> int8
+        off_ref = load_offloaded(gptq_ckpt, device="cpu", expert_cache=3)
+        assert off_ref.offload.plan.resident_bytes - off.offload.plan.resident_bytes == \
+            plain.dense_bytes - int8.dense_bytes
+        off_ref.offload.close()
+    finally:
+        off.offload.close()
+    with pytest.raises(ConfigError, match="lm_head 'int4'"):
+        load(gptq_ckpt, device="cpu", lm_head="int4")
