@@ -113,13 +113,16 @@ def test_bf16_experts_stay_bf16_in_store_slots_and_resident(ckpts, bf16_weights,
     import moe_edge.model.weights as weights
     from moe_edge.info import model_info
     monkeypatch.setattr(layers, "BF16_MIN_LINEAR", 0)  # these test experts are tiny
-    assigned, assign = {}, weights._assign
-    monkeypatch.setattr(weights, "_assign", lambda m, name, t: (assigned.__setitem__(name, t.dtype), assign(m, name, t)))
+    assigned, assign, read, get = {}, weights._assign, [], weights.WeightMap.get
+    monkeypatch.setattr(weights, "_assign", lambda m, name, t: (assigned.__setitem__(name, t), assign(m, name, t)))
+    monkeypatch.setattr(weights.WeightMap, "get", lambda self, name: read.append(get(self, name)) or read[-1])
     ref = load(ckpts["bf16"], device="cpu", bf16_weights=bf16_weights)
-    # kept weights are loaded as stored, never widened to fp32 on the way
+    # kept weights are loaded as stored, never widened to fp32 on the way, and never left
+    # pointing into the checkpoint's memory map
     kept = {f"{name}.weight" for name in ref.model.kept_bf16}
-    assert bool(kept) == bf16_weights and all(assigned[n] == torch.bfloat16 for n in kept)
-    assert all(dtype == torch.float32 for n, dtype in assigned.items() if n not in kept)
+    assert bool(kept) == bf16_weights and all(assigned[n].dtype == torch.bfloat16 for n in kept)
+    assert all(t.dtype == torch.float32 for n, t in assigned.items() if n not in kept)
+    assert not {t.data_ptr() for t in read} & {t.data_ptr() for t in assigned.values()}
     lm = load_offloaded(ckpts["bf16"], device="cpu", expert_cache=3, prefetch_depth=1,
                         slow_tier="disk", bf16_weights=bf16_weights)
     try:

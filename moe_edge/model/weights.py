@@ -146,7 +146,10 @@ def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = froz
                 f"{list(tensor.shape)}, but config.json implies {list(param.shape)}; the weights "
                 "and config.json do not belong together")
         kept = keep16 and tensor.dtype == torch.bfloat16 and _stays_bf16(model, local, tensor)
-        _assign(model, local, tensor.to(device=device, dtype=torch.bfloat16 if kept else dtype))
+        value = tensor.to(device=device, dtype=torch.bfloat16 if kept else dtype)
+        if value.data_ptr() == tensor.data_ptr():  # no copy made: still the file's memory map,
+            value = value.clone()  # whose clean pages the OS may drop and re-read under pressure
+        _assign(model, local, value)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if prefix:
