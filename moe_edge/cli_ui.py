@@ -111,6 +111,8 @@ def banner(info, lm, prefetch_depth: int, note: str | None) -> str:
     lines = [f"moe-edge {__version__}"] + model_lines(info, lm.model.quant_kernels)
     plan = lm.offload.plan if lm.offload else None
     lines.append(f"memory        {plan_line(plan)}")
+    if getattr(lm.model, "lm_head_int8", False):
+        lines.append("lm_head       int8, a scale per row (--lm-head int8)")
     if lm.offload:
         lines.append("prefetch      " + (f"router predictions {prefetch_depth} layer(s) ahead"
                                          if prefetch_depth else "off"))

@@ -76,6 +76,8 @@ def test_lm_head_int8_flag_reaches_the_model_and_the_plan(gptq):
                    for flags in ((), ("--lm-head", "int8")))
     assert int8["dense_bytes"] < plain["dense_bytes"]
     assert "Invalid value for '--lm-head'" in run("generate", gptq, "-p", "x", "--lm-head", "int4").output
+    banner = run("chat", gptq, "-i", "--lm-head", "int8", input="/bye\n").stderr
+    assert "lm_head       int8" in banner and "lm_head" not in run("chat", gptq, "-i", input="/bye\n").stderr
 
 
 def test_interactive_session_runs_every_slash_command(gptq, tmp_path):
