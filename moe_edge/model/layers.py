@@ -94,28 +94,21 @@ def stays_bf16(kind: type, numel: int) -> bool:
 
 
 def keep_bf16(model: nn.Module, dtype: torch.dtype) -> list[str]:
-    """Store the embeddings and every large plain Linear of an fp32 model in bf16 where that
-    loses nothing (their values came from a bf16 checkpoint). -> the names converted.
+    """Give every Linear and Embedding whose weight is bf16 in a model of `dtype` activations
+    its bf16 class (Linear16, Embedding16). -> the names converted.
 
-    Routers (not Linears) and norms stay fp32. On DeepSeek-MoE-16B GPTQ the embeddings and
-    lm_head are 1.7 GB of fp32, most of the resident part, and the lm_head is read in full
-    for every token; on a bf16 checkpoint every routed expert halves, in memory and per load.
+    Which weights are bf16 is decided once, at load: `load_weights(keep16=True)` reads the
+    embeddings and large Linears a checkpoint stores in bf16 as they are (`stays_bf16`).
+    Routers and norms stay fp32. On DeepSeek-MoE-16B GPTQ the embeddings and lm_head would
+    be 1.7 GB of fp32, most of the resident part, and the lm_head is read in full for every
+    token; on a bf16 checkpoint every routed expert halves, in memory and per load.
     """
-    done, converted = [], {}
+    done = []
     for name, module in model.named_modules():
         cls = BF16_KINDS.get(type(module))
-        if cls is None or not stays_bf16(type(module), module.weight.numel()):
+        if cls is None or module.weight.dtype != torch.bfloat16:
             continue
-        w = module.weight
-        if id(w) not in converted:  # tied embeddings share one parameter
-            if w.dtype == torch.bfloat16:  # loaded as stored (load_weights with keep16)
-                converted[id(w)] = w
-            elif w.dtype != torch.float32 or not torch.equal(w.data.to(torch.bfloat16).float(), w.data):
-                continue
-            else:
-                converted[id(w)] = nn.Parameter(w.data.to(torch.bfloat16), requires_grad=False)
         module.__class__ = cls
-        module.weight = converted[id(w)]
         if cls is Embedding16:
             module.out_dtype = dtype
         done.append(name)

@@ -130,9 +130,10 @@ def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = froz
     does not understand (a sign of a config that does not match the weights). `consumed`
     names tensors another loader (the GPTQ one) already placed. With `prefix` (e.g.
     "model.layers.3."), `model` is that part of the whole model: one layer, read alone.
-    With `keep16`, bf16 tensors that `layers.keep_bf16` would keep in bf16 are loaded as they
-    are, never widened to `dtype` first (on DeepSeek-MoE-16B the embeddings and lm_head
-    would pass through 1.7 GB of fp32).
+    With `keep16`, bf16 weights of the kinds and sizes that stay bf16 (`layers.stays_bf16`)
+    are loaded as they are, never widened to `dtype` (on DeepSeek-MoE-16B the embeddings and
+    lm_head would take 1.7 GB of fp32); `layers.keep_bf16` then gives their modules the bf16
+    classes.
     """
     params = expected_tensors(model)
     for local, param in params.items():
