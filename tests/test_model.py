@@ -103,10 +103,10 @@ def test_fast_norm_and_rotary_are_bitwise_the_reference_formulas():
     x = torch.randn(2, 5, 256) * 3
     h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     assert torch.equal(norm(x), norm.weight * h)
-    q = torch.randn(1, 5, 4, 64)  # [B, T, H, Hd]
+    q = torch.randn(1, 4, 5, 64)  # [B, H, T, Hd]
     cos, signed_sin = rotary_cos_sin(torch.arange(7, 12), 64, 10000.0, torch.float32)
     inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2).float() / 64))
-    emb = torch.cat([torch.arange(7, 12).float()[:, None] * inv] * 2, -1)[:, None]  # [T, 1, Hd]
+    emb = torch.cat([torch.arange(7, 12).float()[:, None] * inv] * 2, -1)  # [T, Hd]
     rotate_half = torch.cat((-q[..., 32:], q[..., :32]), -1)
     assert torch.equal(cos, emb.cos())
     assert torch.equal(apply_rotary(q, cos, signed_sin), q * emb.cos() + rotate_half * emb.sin())

@@ -158,6 +158,35 @@ def test_quant_mlp_is_bitwise_the_three_quant_linears(group, seeds, compute, wid
         assert torch.equal(mlp(x[:1, :1]), ref[:1, :1])
 
 
+@pytest.mark.parametrize("width, act_order", [(64, True), (128, False), (192, True)])
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
+def test_experts_run_together_are_bitwise_each_on_its_own(width, act_order, compute):
+    """Decode's k experts with silu, product and cast done once for all of them
+    (run_experts) give the bits of each expert run alone; experts that cannot (gate and up
+    not fused) take the one-by-one path."""
+    from moe_edge.model.layers import MLP
+    from moe_edge.quant.qlinear import QuantMLP, run_experts, use_quant_mlps
+
+    def expert(seed, fuse=True):
+        mlp = MLP(128, width)
+        for name, (n, k) in {"gate_proj": (width, 128), "up_proj": (width, 128), "down_proj": (128, width)}.items():
+            t = gptq_layer(torch.randn(n, k) * 0.05, 64, act_order=act_order, seed=seed + (name == "down_proj"))
+            setattr(mlp, name, QuantLinear.from_gptq(t, False, CPU, torch.float32, compute_dtype=compute))
+        use_quant_mlps(mlp, fuse=fuse)
+        return mlp
+
+    experts = [expert(seed) for seed in range(6)]
+    assert all(type(m) is QuantMLP and hasattr(m, "gate_up") for m in experts)
+    x = torch.randn(1, 128).to(compute)
+    each = torch.cat([m.run(x, torch.float32) for m in experts])
+    assert torch.equal(run_experts(experts, x, torch.float32), each)
+    assert torch.equal(run_experts(experts[:1], x, torch.float32), each[:1])
+    mixed = experts[:3] + [expert(7, fuse=False)]
+    assert not hasattr(mixed[-1], "gate_up")
+    assert torch.equal(run_experts(mixed, x, torch.float32),
+                       torch.cat([m.run(x, torch.float32) for m in mixed]))
+
+
 @pytest.mark.parametrize("family", [
     dict(),  # DeepSeek, Mixtral: q and k rotate in one go
     dict(qkv_bias=True),  # Qwen2-MoE

@@ -58,16 +58,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(k_dim, c.rms_norm_eps)
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q, k, v [B, T, H|K, Hd], q and k rotated. With q, k and v fused into one
+        """q, k, v [B, H|K, T, Hd], q and k rotated. With q, k and v fused into one
         projection (`qkv`, see quant.qlinear.fuse_qkv), q's and k's heads are adjacent and
-        rotate in one go."""
+        rotate in one go; the views and splits are single calls (decode: per layer and token)."""
         B, T, _ = x.shape
         H, K, Hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self._modules.get("qkv")
         if qkv is not None and self.qk_norm is None and self.clip is None:
-            y = qkv(x).view(B, T, H + 2 * K, Hd)
-            qk = apply_rotary(y[:, :, :H + K], cos, sin)
-            return qk[:, :, :H], qk[:, :, H:], y[:, :, H + K:]
+            qk, v = qkv(x).view(B, T, H + 2 * K, Hd).transpose(1, 2).split((H + K, K), 1)
+            q, k = apply_rotary(qk, cos, sin).split((H, K), 1)
+            return q, k, v
         if qkv is not None:
             q, k, v = qkv(x).split((H * Hd, K * Hd, K * Hd), -1)
         else:
@@ -76,7 +76,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q, k, v = q.view(B, T, H, Hd), k.view(B, T, K, Hd), v.view(B, T, K, Hd)
+        q, k, v = (t.view(B, T, -1, Hd).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
@@ -84,7 +84,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self._project(x, cos, sin))  # [B, H|K, T, Hd]
+        q, k, v = self._project(x, cos, sin)  # [B, H|K, T, Hd]
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # [B, K, S, Hd]
         mask = self._mask(start, T, k.shape[2], x.device)

@@ -73,7 +73,7 @@ class MoEForCausalLM(nn.Module):
         return KVCache(self.config, batch, capacity, self.dtype, self.device)
 
     def _rotary(self, start: int, T: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, Hd] for positions start..start+T, from a table built once (per
+        """cos, sin [T, Hd] for positions start..start+T, from a table built once (per
         device and dtype) instead of six small ops per decode step."""
         table = getattr(self, "_rope_table", None)
         if table is None or table[0].shape[0] < start + T or table[0].device != x.device \

@@ -41,8 +41,8 @@ class MLP(nn.Module):
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, 1, Hd] for rotate-half rotary embeddings, computed in fp32 then cast;
-    they broadcast over activations laid out [B, T, heads, Hd].
+    """cos, sin [T, Hd] for rotate-half rotary embeddings, computed in fp32 then cast;
+    they broadcast over activations laid out [B, heads, T, Hd].
 
     The sin table has its first half negated: rotate_half(x) * sin equals
     roll(x, Hd/2) * signed_sin exactly, one op instead of four (see apply_rotary).
@@ -53,11 +53,11 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
     emb = torch.cat((freqs, freqs), dim=-1)
     sin = emb.sin()
     sin[:, : head_dim // 2].neg_()
-    return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, Hd]; rotate-half convention (Llama, DeepSeek, Qwen, Mixtral, OLMoE), with
+    """x [B, H, T, Hd]; rotate-half convention (Llama, DeepSeek, Qwen, Mixtral, OLMoE), with
     the signed sin of rotary_cos_sin: cat(-x2, x1) * sin == roll(x) * signed_sin, bit for bit."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 

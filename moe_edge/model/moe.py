@@ -52,13 +52,18 @@ class Router(nn.Module):
         self.top_k, self.renormalize = config.top_k, config.norm_topk_prob
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E]
+        return F.linear(_fp32(x), _fp32(self.weight)).softmax(dim=-1)  # [N, E]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, ids = torch.topk(self.probs(x), self.top_k, dim=-1)  # [N, A]
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32; no op dispatched when it already is (decode: twice per layer and token)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 class ExpertInput:
@@ -81,6 +86,19 @@ class ExpertInput:
             x = self.cast[dtype] = self.x.to(dtype)
         return expert.run(x if rows is None else x[rows], self.x.dtype)
 
+    def each(self, experts: list[Expert]) -> torch.Tensor:
+        """[A, D]: every expert on this one-row input, stacked (in the kernel's dtype when
+        all of them have the same one). Int4 experts run together (quant.qlinear.run_experts)."""
+        dtypes = {getattr(e, "kernel_dtype", None) for e in experts}
+        if len(dtypes) != 1 or None in dtypes:
+            return torch.cat([self(e) for e in experts])
+        from ..quant.qlinear import run_experts
+        dtype = dtypes.pop()
+        x = self.cast.get(dtype)
+        if x is None:
+            x = self.cast[dtype] = self.x.to(dtype)
+        return run_experts(experts, x, self.x.dtype)
+
 
 class MoEBlock(nn.Module):
     """y = sum_a w_a * expert_{id_a}(x) + shared(x) (times sigmoid(shared_gate(x)) for Qwen2-MoE)."""
@@ -101,7 +119,7 @@ class MoEBlock(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [N, D]
         weights, ids = self.gate(flat)
         inputs = ExpertInput(flat)
-        out = self.routed(inputs, weights.to(x.dtype), ids)
+        out = self.routed(inputs, weights if weights.dtype == x.dtype else weights.to(x.dtype), ids)
         if self.shared_experts is not None:
             shared = inputs(self.shared_experts).to(x.dtype)
             if self.shared_expert_gate is not None:
@@ -120,12 +138,8 @@ class MoEBlock(nn.Module):
         N, A = ids.shape
         flat = inputs.x
         if N == 1:  # decode: k experts, one token
-            slot = {e: i for i, e in enumerate(ids[0].tolist())}
-            ys = [flat] * A
-            for e, expert in self.experts.experts_for(sorted(slot)):
-                ys[slot[e]] = inputs(expert)  # [1, D]
-            ys = torch.cat(ys).to(flat.dtype)  # [A, D]
-            return (weights[0, :, None] * ys).sum(0, keepdim=True)
+            ys = self._decode(inputs, ids.tolist()[0]).to(flat.dtype)  # [A, D]
+            return (weights.view(A, 1) * ys).sum(0, keepdim=True)
         flat_ids = ids.reshape(-1)  # [N*A]
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.gate.weight.shape[0])
@@ -137,3 +151,14 @@ class MoEBlock(nn.Module):
             ys[starts[e]:starts[e + 1]] = inputs(expert, token_of[starts[e]:starts[e + 1]])
         ys = ys.index_select(0, torch.argsort(order)).view(N, A, -1)  # back to [N, A, D]
         return (weights[..., None] * ys).sum(1)
+
+    def _decode(self, inputs: ExpertInput, ids: list[int]) -> torch.Tensor:
+        """[A, D], row a from expert ids[a]: all at once when the experts are resident (they
+        stay valid together), else one by one as the provider hands them over."""
+        if isinstance(self.experts, ResidentExperts):
+            return inputs.each([self.experts[e] for e in ids])
+        slot = {e: i for i, e in enumerate(ids)}
+        ys = [inputs.x] * len(ids)
+        for e, expert in self.experts.experts_for(sorted(slot)):
+            ys[slot[e]] = inputs(expert)  # [1, D]
+        return torch.cat(ys)

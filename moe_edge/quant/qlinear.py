@@ -215,6 +215,24 @@ class QuantMLP(MLP):
         return int4_matmul(down, h.to(x2.dtype))
 
 
+def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat([m.run(x2, dtype) for m in mlps]) [A, D] for one row `x2` [1, D] in the
+    kernel's dtype, bit for bit, in fewer ops: the experts' gate+up rows are stacked and go
+    through silu, the product and the cast to the kernel's dtype once for all (an
+    elementwise op gives an element the same bits whatever else is in the tensor), then each
+    expert's down projection takes its own row. Decode runs this on the k routed experts of
+    each MoE layer: 4 ops per expert fewer (per token ~100 on the demo, ~750 on DeepSeek-16B,
+    where every op also costs more while the weights stream through the caches)."""
+    downs = [m._modules["down_proj"] for m in mlps]
+    fused = [m._modules.get("gate_up") for m in mlps]
+    if len(mlps) < 2 or None in fused or len({d.in_features for d in downs}) != 1:
+        return torch.cat([m.run(x2, dtype) for m in mlps])
+    I = downs[0].in_features
+    gu = torch.cat([int4_matmul(f, x2) for f in fused])  # [A, 2I]: each expert's gate, then up
+    h = (F.silu(gu[:, :I].to(dtype)) * gu[:, I:]).to(x2.dtype)  # [A, I]
+    return torch.cat([int4_matmul(d, row) for d, row in zip(downs, h.split(1))])
+
+
 def _fusable(mlp: nn.Module) -> bool:
     projs = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(p, QuantLinear) and p.kernel != "dequant" for p in projs):
