@@ -180,7 +180,7 @@ def run_moe_edge(args, prompt: list[int]) -> dict:
     mem = memory()
     return {"load_s": round(load_s, 2), "prompt_tps": r.prompt_tps, "decode_tps": r.decode_tps,
             "tokens": r.token_ids[:8], **mem, "active_bytes": moe_edge_active_bytes(lm.model),
-            "kernels": lm.model.quant_kernels}
+            "kernels": lm.model.quant_kernels, "lm_head_int8": lm.model.lm_head_int8}
 
 
 def worker(args) -> None:
@@ -195,7 +195,7 @@ def spawn(engine: str, args, prompt_file: str) -> dict:
            "--threads", str(args.threads)]
     cmd += [flag for flag, on in (("--flash-attn", args.flash_attn), ("--llama-mmap", args.llama_mmap),
                                   ("--llama-amx", args.llama_amx)) if on]
-    cmd += ["--lm-head", args.lm_head] if args.lm_head else []
+    cmd += ["--lm-head", args.lm_head]
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -306,8 +306,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--lm-head", choices=["int8"], default=None,
-                    help="moe-edge's lm_head in int8 (llama.cpp's GGUF keeps it in Q8_0)")
+    ap.add_argument("--lm-head", choices=["auto", "int8", "stored"], default="auto",
+                    help="moe-edge's lm_head (auto: int8 for large heads; llama.cpp's GGUF keeps it in Q8_0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (default off)")
     ap.add_argument("--llama-mmap", action="store_true",

@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--lm-head", choices=["int8"], default=None, help="an int8 lm_head (see quant/int8.py)")
+    ap.add_argument("--lm-head", choices=["auto", "int8", "stored"], default="auto",
+                    help="the lm_head as load_model takes it (see quant/int8.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,7 +53,7 @@ def main() -> None:
     print(json.dumps({
         "model": args.model, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "lm_head_int8": model.lm_head_int8,
         "prefill_tps": round(statistics.median(r["prefill_tps"] for r in runs), 1),
         "decode_tps": round(statistics.median(r["decode_tps"] for r in runs), 1),
         "rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),

@@ -26,6 +26,7 @@ GROUPS = {  # aten op -> what it is in this model
     "aten::_weight_int4pack_mm_for_cpu": "int4 matmuls", "aten::_weight_int4pack_mm": "int4 matmuls",
     "aten::mm": "dense matmuls (lm_head, routers)", "aten::addmm": "dense matmuls (lm_head, routers)",
     "aten::linear": "dense matmuls (lm_head, routers)",
+    "aten::_weight_int8pack_mm": "dense matmuls (lm_head, routers)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention (SDPA)",
     "aten::_to_copy": "dtype casts and copies", "aten::copy_": "dtype casts and copies",
     "aten::empty_strided": "allocations", "aten::empty": "allocations",

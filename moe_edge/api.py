@@ -25,7 +25,7 @@ from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
-from .quant.int8 import LM_HEADS, int8_lm_head
+from .quant.int8 import LM_HEADS, head_in_int8, int8_lm_head
 from .quant.qlinear import fuse_qkv, use_quant_mlps
 from .tokenizer import format_chat, load_tokenizer
 
@@ -55,7 +55,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load_model(path: str | Path, device: str | torch.device = "auto",
                dtype: str | torch.dtype | None = None, kernel: str = "auto",
-               bf16_weights: bool | None = None, lm_head: str | None = None) -> MoEForCausalLM:
+               bf16_weights: bool | None = None, lm_head: str = "auto") -> MoEForCausalLM:
     """The model alone (no tokenizer), every weight resident on `device`.
 
     GPTQ checkpoints get 4-bit layers; `kernel` is "auto" (int4 where the shape allows,
@@ -63,8 +63,10 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     `bf16_weights`: on the CPU with fp32 activations, embeddings and Linear weights that the
     checkpoint stores in bf16 stay bf16 (see `keep_bf16`): half the memory and bytes per
     token, each matmul's input rounded to bf16. Default: when the CPU has native bf16
-    (`info.native_bf16`); False upcasts them (exact fp32). `lm_head="int8"` quantizes a
-    16-bit lm_head to int8 at load, on the CPU (see quant/int8.py): half its bytes per token.
+    (`info.native_bf16`); False upcasts them (exact fp32). `lm_head`: "int8" quantizes a
+    16- or 32-bit lm_head to int8 at load, on the CPU (see quant/int8.py): half the bytes per
+    token of a bf16 one; "stored" keeps it as the checkpoint has it; "auto" is int8 on the CPU
+    for heads of 16M+ weights not tied to the embeddings (`quant.int8.head_in_int8`).
     """
     config = load_config(path)
     device = resolve_device(device)
@@ -77,7 +79,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     consumed = install_quantized(model, weights, quant, device, dtype, kernel) if quant else set()
     keep16 = keeps_bf16(device, dtype, bf16_weights)
     load_weights(model, weights, consumed, device=device, dtype=dtype, keep16=keep16)
-    _finish(model, quant, dtype, keep16, lm_head)
+    _finish(model, quant, dtype, keep16, lm_head, device)
     trim_heap()
     if kernel == "auto" and model.quant_kernels.get("dequant"):
         reasons = sorted({m.reason for m in model.modules() if getattr(m, "kernel", "") == "dequant"})
@@ -87,23 +89,25 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
 
 
 def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
-            lm_head: str | None = None) -> None:
-    """Record the quantization, fuse int4 MLPs and q/k/v, keep bf16 weights bf16, quantize
-    the lm_head if asked (see load_model)."""
+            lm_head: str, device: torch.device) -> None:
+    """Record the quantization, fuse int4 MLPs and q/k/v, keep bf16 weights bf16, make the
+    lm_head int8 where `lm_head` says so (see load_model)."""
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
     use_quant_mlps(model)
     fuse_qkv(model)
     model.kept_bf16 = keep_bf16(model, dtype) if keep16 else []
-    model.lm_head_int8 = lm_head == "int8" and int8_lm_head(model)
+    c = model.config
+    int8 = head_in_int8(lm_head, device, c.vocab_size * c.hidden_size, c.tie_word_embeddings)
+    model.lm_head_int8 = int8 and int8_lm_head(model)
 
 
-def _check_lm_head(lm_head: str | None, device: torch.device) -> None:
+def _check_lm_head(lm_head: str, device: torch.device) -> None:
     if lm_head not in LM_HEADS:
-        raise ConfigError(f"lm_head {lm_head!r} is not supported; use int8 or leave it as stored")
+        raise ConfigError(f"lm_head {lm_head!r} is not supported; use one of {', '.join(LM_HEADS)}")
     if lm_head == "int8" and device.type != "cpu":
-        raise ConfigError("lm_head int8 runs on the CPU's _weight_int8pack_mm; on a GPU leave "
-                          "the lm_head as stored")
+        raise ConfigError("lm_head int8 runs on the CPU's _weight_int8pack_mm; on a GPU use "
+                          "auto or stored")
 
 
 @dataclass
@@ -189,7 +193,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
                    policy: str = "lru", slow_tier: str = "auto",
                    dtype: str | torch.dtype | None = None, kernel: str = "auto", context: int = 4096,
                    offload_dir: str | Path | None = None, threaded: bool = True,
-                   bf16_weights: bool | None = None, lm_head: str | None = None) -> LoadedModel:
+                   bf16_weights: bool | None = None, lm_head: str = "auto") -> LoadedModel:
     """Load a checkpoint with its routed experts offloaded: the dense part resident on
     `device`, a fixed cache of expert slots there (LRU), the rest in host RAM or on disk,
     the next layers' experts prefetched from router predictions.
@@ -244,7 +248,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     return _with_tokenizer(path, model, OffloadRuntime(cache, plan, prefetcher))
 
 
-def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel, keep16: bool, lm_head=None):
+def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel, keep16: bool, lm_head: str):
     """The model without its routed experts, resident on `device`."""
     weights = WeightMap(CheckpointReader(path), config)
     with torch.device("meta"):
@@ -257,13 +261,13 @@ def _dense_part(path: Path, config: ModelConfig, device, dtype, kernel, keep16: 
                                  skip=lambda p: bool(EXPERT.match(p))) if quant else set()
     consumed |= {n for n in weights.sources if EXPERT.match(n)}
     load_weights(model, weights, consumed, device=device, dtype=dtype, keep16=keep16)
-    _finish(model, quant, dtype, keep16, lm_head)
+    _finish(model, quant, dtype, keep16, lm_head, device)
     return model.eval(), weights, quant
 
 
 def load(path: str | Path, device: str | torch.device = "auto",
          dtype: str | torch.dtype | None = None, bf16_weights: bool | None = None,
-         lm_head: str | None = None) -> LoadedModel:
+         lm_head: str = "auto") -> LoadedModel:
     """Load a Hugging Face MoE checkpoint folder fully resident on `device`.
 
     >>> lm = moe_edge.load("path/to/deepseek-moe-16b-chat", device="cpu")
@@ -285,7 +289,7 @@ def load_auto(path: str | Path, device: str | torch.device = "auto", expert_cach
     from .info import model_info
     if expert_cache == "auto":
         device_ = resolve_device(device)
-        bf16_weights, lm_head = offload.get("bf16_weights"), offload.get("lm_head")
+        bf16_weights, lm_head = offload.get("bf16_weights"), offload.get("lm_head", "auto")
         info = model_info(path, device_, resolve_dtype(dtype, device_), "auto", context,
                           bf16_weights=bf16_weights, lm_head=lm_head)
         if info.plan is not None and info.plan.slots_per_layer == info.experts_per_layer:

@@ -66,9 +66,10 @@ RUNTIME = _options(
     click.option("--no-prefetch", is_flag=True, help="Same as --prefetch-depth 0."),
     click.option("-t", "--threads", type=click.IntRange(1), default=None,
                  help="CPU threads [default: the physical cores]."),
-    click.option("--lm-head", type=click.Choice(["int8"]), default=None,
-                 help="int8: quantize a 16-bit lm_head at load (CPU; half its bytes per token, "
-                 "~1% logit change) [default: as stored]."),
+    click.option("--lm-head", type=click.Choice(["auto", "int8", "stored"]), default="auto",
+                 show_default=True, help="int8: the lm_head quantized to int8 at load (CPU; half "
+                 "the bytes per token of bf16, ~0.5% logit change); stored: as the checkpoint "
+                 "has it; auto: int8 on the CPU for heads of 16M+ weights."),
     click.option("--offline", is_flag=True, help="Never download; a Hugging Face id must be cached."),
 )
 
@@ -115,7 +116,7 @@ def _resolve(model: str | None, offline: bool):
 
 
 def _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch, threads, ctx_size,
-          lm_head=None, demo_cache="50%"):
+          lm_head="auto", demo_cache="50%"):
     """(LoadedModel, ModelInfo, context, prefetch depth, note) for a resolved (folder, is_demo)."""
     import torch
     from .api import load_auto, resolve_device, resolve_dtype
@@ -224,7 +225,8 @@ def _answer_once(reply, lm, stats: bool, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default=None)
 @click.option("-c", "--ctx-size", type=click.IntRange(16), default=4096, show_default=True)
-@click.option("--lm-head", type=click.Choice(["int8"]), default=None, help="Plan for an int8 lm_head.")
+@click.option("--lm-head", type=click.Choice(["auto", "int8", "stored"]), default="auto", show_default=True,
+              help="Plan for this lm_head (see chat --help).")
 @click.option("--offline", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @VERBOSE

@@ -92,9 +92,14 @@ def plan_line(plan) -> str:
     return plan.describe() if plan is not None else "all experts resident (no offloading)"
 
 
+LM_HEAD_INT8 = "lm_head       int8, a scale per row (--lm-head stored keeps the checkpoint's)"
+
+
 def info_text(info) -> str:
     lines = model_lines(info)
     lines.append(f"checkpoint    {size(info.checkpoint_bytes)}")
+    if info.lm_head_int8:
+        lines.append(LM_HEAD_INT8)
     lines.append("plan          " + (plan_line(info.plan) if info.plan else f"none: {info.plan_error}"))
     return "\n".join(lines)
 
@@ -112,7 +117,7 @@ def banner(info, lm, prefetch_depth: int, note: str | None) -> str:
     plan = lm.offload.plan if lm.offload else None
     lines.append(f"memory        {plan_line(plan)}")
     if getattr(lm.model, "lm_head_int8", False):
-        lines.append("lm_head       int8, a scale per row (--lm-head int8)")
+        lines.append(LM_HEAD_INT8)
     if lm.offload:
         lines.append("prefetch      " + (f"router predictions {prefetch_depth} layer(s) ahead"
                                          if prefetch_depth else "off"))

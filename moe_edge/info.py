@@ -21,6 +21,7 @@ from .model import layers
 from .model.weights import EXPERT, WeightMap
 from .offload.plan import OffloadPlan, kv_cache_bytes, slots_for
 from .quant.format import read_quant_config
+from .quant.int8 import head_in_int8
 
 _QUANT_AUX = (".qzeros", ".scales", ".g_idx")
 _ROUTER = ".gate.weight"  # a router's weight: stays fp32 (norms and biases are 1-D)
@@ -59,6 +60,7 @@ class ModelInfo:
     quantization: dict | None
     plan: OffloadPlan | None  # None when the expert cache setting cannot fit top-k
     plan_error: str | None = None
+    lm_head_int8: bool = False  # the lm_head becomes int8 at load (see quant.int8.head_in_int8)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -68,7 +70,7 @@ class ModelInfo:
 
 def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                expert_cache="auto", context: int = 4096, slow_tier: str | None = None,
-               bf16_weights: bool | None = None, lm_head: str | None = None) -> ModelInfo:
+               bf16_weights: bool | None = None, lm_head: str = "auto") -> ModelInfo:
     """Sizes from tensor headers (nothing is read but the headers) and the plan
     `load_offloaded` would make for `expert_cache` on `device` (with `bf16_weights` and
     `lm_head` as `load_offloaded` takes them)."""
@@ -77,6 +79,8 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     weights = WeightMap(CheckpointReader(path), config)
     total = active = dense = experts_total = checkpoint = 0
     keep16 = keeps_bf16(device, dtype, bf16_weights)  # as api.load_model decides
+    V, D = config.vocab_size, config.hidden_size
+    int8 = head_in_int8(lm_head, device, V * D, config.tie_word_embeddings)  # likewise
     for name in weights.sources:
         numel = math.prod(weights.shape(name))
         source = weights.sources[name].name
@@ -85,7 +89,7 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         runtime = stored if _is_quantized(name) else numel * dtype.itemsize
         if keep16 and _kept16(name, weights.shape(name)) and weights.reader.stored_dtype(source) == "BF16":
             runtime = stored  # kept bf16: embeddings and large Linear weights
-        if lm_head == "int8" and name == "lm_head.weight":
+        if int8 and name == "lm_head.weight":
             runtime = numel + 2 * weights.shape(name)[0]  # int8 weights, a bf16 scale per row
         checkpoint += stored
         total += params
@@ -94,15 +98,15 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         else:
             active += params
             dense += runtime
-    if lm_head == "int8" and config.tie_word_embeddings and "lm_head.weight" not in weights.sources:
-        # tied to the embeddings, which stay: the int8 head is a copy
-        dense += config.vocab_size * (config.hidden_size + 2)
+    if int8 and config.tie_word_embeddings and "lm_head.weight" not in weights.sources:
+        dense += V * (D + 2)  # tied to the embeddings, which stay: the int8 head is a copy
     L, E, k = len(config.moe_layer_ids), config.num_experts, config.top_k
     expert_bytes = experts_total // (L * E)
     active += (total - active) * k // E
     info = ModelInfo(str(path), config.model_type, config.num_layers, L, E, k, config.hidden_size,
                      config.vocab_size, config.max_position_embeddings, total, active, checkpoint,
-                     dense, expert_bytes, _quant_summary(quant), None)
+                     dense, expert_bytes, _quant_summary(quant), None,
+                     lm_head_int8=int8 and ("lm_head.weight" in weights.sources or config.tie_word_embeddings))
     context = min(context, config.max_position_embeddings)
     kv = kv_cache_bytes(config, context, dtype)
     try:

@@ -74,7 +74,8 @@ def test_lm_head_int8_flag_reaches_the_model_and_the_plan(gptq):
         assert json.loads(r.stdout)["generated_tokens"] >= 1
     plain, int8 = (json.loads(run("info", gptq, "--json", *flags).stdout)
                    for flags in ((), ("--lm-head", "int8")))
-    assert int8["dense_bytes"] < plain["dense_bytes"]
+    assert int8["dense_bytes"] < plain["dense_bytes"] and int8["lm_head_int8"] and not plain["lm_head_int8"]
+    assert "lm_head       int8" in run("info", gptq, "--lm-head", "int8").stdout
     assert "Invalid value for '--lm-head'" in run("generate", gptq, "-p", "x", "--lm-head", "int4").output
     banner = run("chat", gptq, "-i", "--lm-head", "int8", input="/bye\n").stderr
     assert "lm_head       int8" in banner and "lm_head" not in run("chat", gptq, "-i", input="/bye\n").stderr

@@ -307,7 +307,8 @@ def test_int8_lm_head_load_option(gptq_ckpt):
         assert rel_err(lm.model(ids), ref.model(ids)) < 2e-2
     off = load_offloaded(gptq_ckpt, device="cpu", expert_cache=3, lm_head="int8")
     try:
-        plain, int8 = (model_info(gptq_ckpt, "cpu", torch.float32, 3, lm_head=h) for h in (None, "int8"))
+        plain, int8 = (model_info(gptq_ckpt, "cpu", torch.float32, 3, lm_head=h) for h in ("auto", "int8"))
+        assert int8.lm_head_int8 and not plain.lm_head_int8
         V, D = ref.config.vocab_size, ref.config.hidden_size
         assert plain.dense_bytes - int8.dense_bytes == V * D * 4 - (V * D + 2 * V)  # fp32 -> int8
         off_ref = load_offloaded(gptq_ckpt, device="cpu", expert_cache=3)
@@ -318,3 +319,26 @@ def test_int8_lm_head_load_option(gptq_ckpt):
         off.offload.close()
     with pytest.raises(ConfigError, match="lm_head 'int4'"):
         load(gptq_ckpt, device="cpu", lm_head="int4")
+
+
+def test_auto_lm_head_is_int8_on_the_cpu_for_large_untied_heads(gptq_ckpt, monkeypatch):
+    """lm_head="auto" (the default) makes a head int8 from AUTO_MIN_WEIGHTS weights on, on
+    the CPU, unless it is tied to the embeddings; "stored" never does. Load and info agree."""
+    from moe_edge.info import model_info
+    from moe_edge.quant import int8
+    gptq_ckpt = gptq_ckpt[1]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert int8.head_in_int8("auto", cpu, 2**24, tied=False)
+    assert not int8.head_in_int8("auto", cpu, 2**24 - 1, tied=False)
+    assert not int8.head_in_int8("auto", cpu, 2**30, tied=True)
+    assert not int8.head_in_int8("auto", cuda, 2**30, tied=False)
+    assert not int8.head_in_int8("stored", cpu, 2**30, tied=False)
+    assert int8.head_in_int8("int8", cpu, 1, tied=True)
+    small = load(gptq_ckpt, device="cpu")  # the default, on a head far below the size
+    assert not small.model.lm_head_int8 and not model_info(gptq_ckpt, "cpu").lm_head_int8
+    monkeypatch.setattr(int8, "AUTO_MIN_WEIGHTS", 0)
+    auto, stored = load(gptq_ckpt, device="cpu"), load(gptq_ckpt, device="cpu", lm_head="stored")
+    assert isinstance(auto.model.lm_head, int8.Int8Linear) and not stored.model.lm_head_int8
+    infos = {h: model_info(gptq_ckpt, "cpu", lm_head=h) for h in ("auto", "stored")}
+    assert infos["auto"].lm_head_int8 and not infos["stored"].lm_head_int8
+    assert infos["auto"].dense_bytes < infos["stored"].dense_bytes

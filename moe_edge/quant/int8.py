@@ -1,11 +1,11 @@
-"""An int8 lm_head, opt-in: per-row symmetric int8 weights on PyTorch's `_weight_int8pack_mm`.
+"""An int8 lm_head: per-row symmetric int8 weights on PyTorch's `_weight_int8pack_mm`.
 
 The lm_head is read in full for every token: DeepSeek-MoE-16B's is 102400 x 2048, 0.42 GB in
 bf16, a quarter of what a 4-bit decode step reads. In int8 it is half that, and
 `_weight_int8pack_mm` with bf16 activations took 14.7 ms against 19.3 ms for the bf16
 F.linear (2 threads, AMX). llama.cpp's 4-bit files keep this matrix in Q8_0 or Q6_K for the
-same reason. Not a default: a GPTQ checkpoint with `lm_head: false` asks for its head as
-stored, and an int8 head moves logits by about 1% (relative).
+same reason, and so does `lm_head="auto"` (the default) on the CPU for heads of real models;
+it moves logits by about 0.5% (relative). `lm_head="stored"` keeps the checkpoint's head.
 """
 # N=out features (vocab), K=in features (hidden), M=rows
 
@@ -14,7 +14,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LM_HEADS = (None, "int8")  # what load(lm_head=...) accepts: None keeps the head as stored
+LM_HEADS = ("auto", "int8", "stored")  # what load(lm_head=...) accepts
+# "auto" makes heads of this many weights int8: real models' (DeepSeek-MoE-16B 210M, Mixtral
+# 131M, OLMoE 103M), where the head is 10-25% of a 4-bit decode step's bytes; not tiny ones.
+AUTO_MIN_WEIGHTS = 2**24
+
+
+def head_in_int8(lm_head: str, device: torch.device, weights: int, tied: bool) -> bool:
+    """Whether a 16- or 32-bit lm_head of `weights` weights is made int8 at load: always with
+    "int8" (CPU only), never with "stored"; with "auto" on the CPU when it has
+    AUTO_MIN_WEIGHTS or more and is not tied to the embeddings (an int8 copy of a tied head
+    adds memory instead of replacing it)."""
+    if lm_head == "auto":
+        return device.type == "cpu" and weights >= AUTO_MIN_WEIGHTS and not tied
+    return lm_head == "int8"
 
 
 class Int8Linear(nn.Module):
