@@ -277,6 +277,20 @@ def test_int4_cpu_layout_matches_the_kernels_packing():
         assert not any(torch.equal(int4_cpu._unpack(packed, b, 256, 128).int(), q) for b in (64, 32))
 
 
+@pytest.mark.parametrize("N, K", [(64, 64), (128, 256), (2816, 128), (48, 64)])
+def test_int4_cpu_pack_is_the_kernels_own_packing(N, K):
+    """int4_cpu.pack (uint8 work, used at load) makes the bytes _convert_weight_to_int4pack_for_cpu
+    makes from an int32 copy; shapes outside its layout (N not a multiple of the block) are
+    left to the kernel's conversion."""
+    from moe_edge.quant import int4_cpu
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    packed = int4_cpu.pack(q)
+    if not int4_cpu.layout_block() or N % int4_cpu.layout_block():
+        assert packed is None
+        return
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 2))
+
+
 def test_int8_lm_head_rounds_each_weight_to_its_row_step():
     """Int8Linear: int8 codes and one bf16 scale per row (half the bytes of bf16), every
     weight within one step of its value, products close to the fp32 ones."""

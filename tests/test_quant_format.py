@@ -49,6 +49,25 @@ def test_bit_layout_matches_the_spec():
             assert packed[r, n].item() & 0xFFFFFFFF == word
 
 
+def test_unpacking_by_bytes_equals_the_shifts(monkeypatch):
+    """The byte-wise unpacking (little-endian CPUs) gives what int32 shifts give, sign bit
+    included, along rows, columns and transposed."""
+    import sys
+
+    from moe_edge.quant import format as fmt
+    words = torch.randint(-2**31, 2**31 - 1, (5, 24), dtype=torch.int64).to(torch.int32)
+    fast = [fmt.unpack_along_rows(words), fmt.unpack_along_cols(words), fmt.unpack_rows_transposed(words)]
+    assert all(t.dtype == torch.uint8 and t.is_contiguous() for t in fast)
+    for r, n in [(0, 0), (4, 23), (2, 7)]:
+        word = words[r, n].item() & 0xFFFFFFFF
+        assert [int(fast[0][8 * r + j, n]) for j in range(8)] == [(word >> 4 * j) & 15 for j in range(8)]
+        assert [int(fast[1][r, 8 * n + j]) for j in range(8)] == [(word >> 4 * j) & 15 for j in range(8)]
+    assert torch.equal(fast[2], fast[0].T)
+    monkeypatch.setattr(sys, "byteorder", "big")  # the shift path
+    slow = [fmt.unpack_along_rows(words), fmt.unpack_along_cols(words), fmt.unpack_rows_transposed(words)]
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
 def test_v1_stores_zero_minus_one():
     q, zeros, scales, g_idx = random_layer(8, 32, 32, v2=False, act_order=False)
     v1 = pack(q, zeros, scales, g_idx, v2=False)

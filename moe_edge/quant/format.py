@@ -13,6 +13,7 @@ For a Linear with K inputs, N outputs and G groups (DESIGN.md, 'Formats'):
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,11 +113,37 @@ def pack_along_rows(q: torch.Tensor) -> torch.Tensor:
     return _to_int32((q << shifts).sum(dim=1))
 
 
+def _bytes(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [A, B] -> uint8 [A, B, 4]: byte b (bits 8b..8b+7) of each word; a view of the
+    words themselves on a little-endian CPU."""
+    if sys.byteorder == "little" and packed.device.type == "cpu":
+        return packed.contiguous().view(torch.uint8).view(*packed.shape, 4)
+    shifts = 8 * torch.arange(4, dtype=torch.int32, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 255).to(torch.uint8)
+
+
+def _split_bytes(b: torch.Tensor, dim: int) -> torch.Tensor:
+    """The nibbles of uint8 `b`, in a new dimension of 2 at `dim` (0: low, 1: high), written
+    straight into place. Unpacking this way, on the packed bytes, instead of int32 shifts on
+    eight times as many words, took the 16B-shaped model's load from 54 to ~30 s."""
+    shape = list(b.shape)
+    shape.insert(dim, 2)
+    out = torch.empty(shape, dtype=torch.uint8, device=b.device)
+    torch.bitwise_and(b, 15, out=out.select(dim, 0))
+    torch.bitwise_right_shift(b, 4, out=out.select(dim, 1))
+    return out
+
+
 def unpack_along_rows(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [R/8, C] -> uint8 [R, C]."""
-    shifts = (4 * torch.arange(PACK, dtype=torch.int32, device=packed.device)).view(1, PACK, 1)
-    q = (packed.unsqueeze(1) >> shifts) & 0xF  # [R/8, 8, C]
-    return q.reshape(-1, packed.shape[1]).to(torch.uint8)
+    """int32 [R/8, C] -> uint8 [R, C]: row 8r + 2b + h is nibble h of byte b of word r."""
+    R8, C = packed.shape
+    return _split_bytes(_bytes(packed).permute(0, 2, 1), 2).view(R8 * PACK, C)  # [R/8, 4, 2, C]
+
+
+def unpack_rows_transposed(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R/8, C] -> uint8 [C, R], contiguous: unpack_along_rows(packed).T in one pass."""
+    R8, C = packed.shape
+    return _split_bytes(_bytes(packed).permute(1, 0, 2), 3).view(C, R8 * PACK)  # [C, R/8, 4, 2]
 
 
 def pack_along_cols(q: torch.Tensor) -> torch.Tensor:
@@ -125,7 +152,9 @@ def pack_along_cols(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_along_cols(packed: torch.Tensor) -> torch.Tensor:
-    return unpack_along_rows(packed.T.contiguous()).T.contiguous()
+    """int32 [R, C/8] -> uint8 [R, C]."""
+    R, C8 = packed.shape
+    return _split_bytes(_bytes(packed), 3).view(R, C8 * PACK)  # [R, C/8, 4, 2]
 
 
 @dataclass
@@ -170,7 +199,7 @@ def pack(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torc
 
 def unpack(t: GPTQTensors, v2: bool = False):
     """-> q uint8 [N, K], zeros int32 [G, N] (real zero points), scales [G, N], g_idx int64 [K]."""
-    q = unpack_along_rows(t.qweight).T.contiguous()
+    q = unpack_rows_transposed(t.qweight)
     zeros = unpack_along_cols(t.qzeros).to(torch.int32) + (0 if v2 else 1)
     return q, zeros, t.scales, t.g_idx.to(torch.int64)
 

@@ -122,7 +122,9 @@ class QuantLinear(nn.Module):
             packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
             packed = torch.ops.aten._convert_weight_to_int4pack(packed, _inner_k_tiles(t.in_features))
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+            packed = int4_cpu.pack(q)
+            if packed is None:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
         self.group = group
         self.register_buffer("packed", packed.to(device))
         self.register_buffer("scale_zeros", torch.stack([s, zero], -1).to(device=device, dtype=dtype).contiguous())
