@@ -214,7 +214,8 @@ def greedy_check(folder: str, prompt_tokens: int, new_tokens: int, threads: int)
     from moe_edge.evaluate import heldout_ids
     torch.set_num_threads(threads)
     gguf = ensure_gguf(folder, "F32")
-    lm = moe_edge.load(folder, device="cpu", dtype="float32", bf16_weights=False)  # all fp32
+    lm = moe_edge.load(folder, device="cpu", dtype="float32", bf16_weights=False,
+                       lm_head="stored")  # all fp32
     prompt = heldout_ids(lm.tokenizer, max_tokens=prompt_tokens).tolist()
     ours = lm.generate(prompt, temperature=0, repetition_penalty=1.0, stop=(), eos_token_ids=(),
                        max_new_tokens=new_tokens).token_ids

@@ -25,7 +25,7 @@ from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
-from .quant.int8 import LM_HEADS, head_in_int8, int8_lm_head
+from .quant.int8 import head_in_int8, int8_lm_head
 from .quant.qlinear import fuse_qkv, use_quant_mlps
 from .tokenizer import format_chat, load_tokenizer
 
@@ -65,8 +65,9 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     token, each matmul's input rounded to bf16. Default: when the CPU has native bf16
     (`info.native_bf16`); False upcasts them (exact fp32). `lm_head`: "int8" quantizes a
     16- or 32-bit lm_head to int8 at load, on the CPU (see quant/int8.py): half the bytes per
-    token of a bf16 one; "stored" keeps it as the checkpoint has it; "auto" is int8 on the CPU
-    for heads of 16M+ weights not tied to the embeddings (`quant.int8.head_in_int8`).
+    token of a bf16 one; "stored" keeps it as the checkpoint has it; "auto" is int8 on a CPU
+    with native bf16 for heads of 16M+ weights not tied to the embeddings
+    (`quant.int8.head_in_int8`).
     """
     config = load_config(path)
     device = resolve_device(device)
@@ -103,11 +104,7 @@ def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
 
 
 def _check_lm_head(lm_head: str, device: torch.device) -> None:
-    if lm_head not in LM_HEADS:
-        raise ConfigError(f"lm_head {lm_head!r} is not supported; use one of {', '.join(LM_HEADS)}")
-    if lm_head == "int8" and device.type != "cpu":
-        raise ConfigError("lm_head int8 runs on the CPU's _weight_int8pack_mm; on a GPU use "
-                          "auto or stored")
+    head_in_int8(lm_head, device, 0, False)  # raises on what load could not do
 
 
 @dataclass

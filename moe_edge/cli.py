@@ -69,7 +69,7 @@ RUNTIME = _options(
     click.option("--lm-head", type=click.Choice(["auto", "int8", "stored"]), default="auto",
                  show_default=True, help="int8: the lm_head quantized to int8 at load (CPU; half "
                  "the bytes per token of bf16, ~0.5% logit change); stored: as the checkpoint "
-                 "has it; auto: int8 on the CPU for heads of 16M+ weights."),
+                 "has it; auto: int8 on a CPU with native bf16 for heads of 16M+ weights."),
     click.option("--offline", is_flag=True, help="Never download; a Hugging Face id must be cached."),
 )
 

@@ -159,8 +159,9 @@ def test_quant_mlp_is_bitwise_the_three_quant_linears(group, seeds, compute, wid
 
 
 @pytest.mark.parametrize("width, act_order", [(64, True), (128, False), (192, True)])
-@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
-def test_experts_run_together_are_bitwise_each_on_its_own(width, act_order, compute):
+@pytest.mark.parametrize("compute, dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.bfloat16)])
+def test_experts_run_together_are_bitwise_each_on_its_own(width, act_order, compute, dtype):
     """Decode's k experts with silu, product and cast done once for all of them
     (run_experts) give the bits of each expert run alone; experts that cannot (gate and up
     not fused) take the one-by-one path."""
@@ -178,13 +179,12 @@ def test_experts_run_together_are_bitwise_each_on_its_own(width, act_order, comp
     experts = [expert(seed) for seed in range(6)]
     assert all(type(m) is QuantMLP and hasattr(m, "gate_up") for m in experts)
     x = torch.randn(1, 128).to(compute)
-    each = torch.cat([m.run(x, torch.float32) for m in experts])
-    assert torch.equal(run_experts(experts, x, torch.float32), each)
-    assert torch.equal(run_experts(experts[:1], x, torch.float32), each[:1])
+    each = torch.cat([m.run(x, dtype) for m in experts])
+    assert torch.equal(run_experts(experts, x, dtype), each)
+    assert torch.equal(run_experts(experts[:1], x, dtype), each[:1])
     mixed = experts[:3] + [expert(7, fuse=False)]
     assert not hasattr(mixed[-1], "gate_up")
-    assert torch.equal(run_experts(mixed, x, torch.float32),
-                       torch.cat([m.run(x, torch.float32) for m in mixed]))
+    assert torch.equal(run_experts(mixed, x, dtype), torch.cat([m.run(x, dtype) for m in mixed]))
 
 
 @pytest.mark.parametrize("family", [
@@ -221,8 +221,8 @@ def test_fused_qkv_attention_is_bitwise_the_three_projections(family):
     assert fuse_qkv(fused) == ((H * Hd) % 64 == 0 and (K * Hd) % 64 == 0)
     assert hasattr(fused, "qkv") == (not hasattr(fused, "q_proj"))
     cos, sin = rotary_cos_sin(torch.arange(8), Hd, 10000.0, torch.float32)
-    x = torch.randn(1, 8, 128)
-    caches = [KVCache(config, 1, 16, torch.float32) for _ in range(2)]
+    x = torch.randn(2, 8, 128)  # a batch of two: the [B, heads, T, Hd] layout per row
+    caches = [KVCache(config, 2, 16, torch.float32) for _ in range(2)]
     outs = [m(x[:, :7], cos[:7], sin[:7], cache, 0) for m, cache in zip((attn, fused), caches)]
     assert torch.equal(outs[0], outs[1])
     outs = [m(x[:, 7:], cos[7:], sin[7:], cache, 7) for m, cache in zip((attn, fused), caches)]
@@ -340,14 +340,21 @@ def test_auto_lm_head_is_int8_on_the_cpu_for_large_untied_heads(gptq_ckpt, monke
     the CPU, unless it is tied to the embeddings; "stored" never does. Load and info agree."""
     from moe_edge.info import model_info
     from moe_edge.quant import int8
+    import moe_edge.info as info
     gptq_ckpt = gptq_ckpt[1]
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(info, "native_bf16", lambda: False)  # the kernel takes bf16 activations
+    assert not int8.head_in_int8("auto", cpu, 2**30, tied=False)
+    monkeypatch.setattr(info, "native_bf16", lambda: True)
     assert int8.head_in_int8("auto", cpu, 2**24, tied=False)
     assert not int8.head_in_int8("auto", cpu, 2**24 - 1, tied=False)
     assert not int8.head_in_int8("auto", cpu, 2**30, tied=True)
     assert not int8.head_in_int8("auto", cuda, 2**30, tied=False)
     assert not int8.head_in_int8("stored", cpu, 2**30, tied=False)
     assert int8.head_in_int8("int8", cpu, 1, tied=True)
+    for bad, device in ((None, cpu), ("int4", cpu), ("int8", cuda)):
+        with pytest.raises(ConfigError, match="lm_head"):
+            int8.head_in_int8(bad, device, 2**30, tied=False)
     small = load(gptq_ckpt, device="cpu")  # the default, on a head far below the size
     assert not small.model.lm_head_int8 and not model_info(gptq_ckpt, "cpu").lm_head_int8
     monkeypatch.setattr(int8, "AUTO_MIN_WEIGHTS", 0)

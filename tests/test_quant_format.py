@@ -63,6 +63,7 @@ def test_unpacking_by_bytes_equals_the_shifts(monkeypatch):
         assert [int(fast[0][8 * r + j, n]) for j in range(8)] == [(word >> 4 * j) & 15 for j in range(8)]
         assert [int(fast[1][r, 8 * n + j]) for j in range(8)] == [(word >> 4 * j) & 15 for j in range(8)]
     assert torch.equal(fast[2], fast[0].T)
+    assert torch.equal(fmt.unpack_along_rows(words.T.contiguous().T), fast[0])  # strided words
     monkeypatch.setattr(sys, "byteorder", "big")  # the shift path
     slow = [fmt.unpack_along_rows(words), fmt.unpack_along_cols(words), fmt.unpack_rows_transposed(words)]
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))

@@ -1,5 +1,5 @@
 """Building blocks shared by every layer: RMSNorm, rotary embeddings, the SiLU-GLU MLP."""
-# T=tokens, D=hidden, H=heads, Hd=head dim, I=MLP width
+# B=batch, T=tokens, D=hidden, H=heads, Hd=head dim, I=MLP width
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ class ExpertProvider(Protocol):
 
     `experts_for(ids)` yields `(expert id, callable)` for every id, in whatever order they
     become available: a resident provider yields them at once, an offloading one yields
-    cached experts first and the rest as their loads land. The MoE block does not care.
+    cached experts first and the rest as their loads land. The MoE block does not care,
+    except at decode, where it runs resident experts together (they stay valid together).
     """
 
     def experts_for(self, ids: Iterable[int]) -> Iterator[tuple[int, Expert]]: ...

@@ -15,7 +15,7 @@ with a float zero, scales and zeros interleaved [K/g, N, 2]):
 GPTQ's `s * (q - z)` equals tinygemm's `(q - 8) * s + s * (8 - z)`. Act-order is handled by
 sorting the input channels by group once at load, and permuting activations at run time.
 """
-# N=out features, K=in features, M=rows of activations
+# N=out features, K=in features, M=rows of activations, A=experts run together, I=expert width
 
 from __future__ import annotations
 
@@ -220,16 +220,21 @@ class QuantMLP(MLP):
 def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """torch.cat([m.run(x2, dtype) for m in mlps]) [A, D] for one row `x2` [1, D] in the
     kernel's dtype, bit for bit, in fewer ops: the experts' gate+up rows are stacked and go
-    through silu, the product and the cast to the kernel's dtype once for all (an
-    elementwise op gives an element the same bits whatever else is in the tensor), then each
+    through silu, the product and the cast to the kernel's dtype once for all, then each
     expert's down projection takes its own row. Decode runs this on the k routed experts of
     each MoE layer: 4 ops per expert fewer (per token ~100 on the demo, ~750 on DeepSeek-16B,
-    where every op also costs more while the weights stream through the caches)."""
+    where every op also costs more while the weights stream through the caches).
+
+    Exact because each row then meets the same CPU loops it meets alone: a vectorised body
+    and a scalar tail (whose exp differs in the last bit) split every row at the same offsets
+    when I is a multiple of FUSE_BLOCK (fused gate+up guarantees it), and A*I up to
+    ATen's grain size keeps the op on one thread, so no thread boundary falls inside a row."""
     downs = [m._modules["down_proj"] for m in mlps]
     fused = [m._modules.get("gate_up") for m in mlps]
-    if len(mlps) < 2 or None in fused or len({d.in_features for d in downs}) != 1:
-        return torch.cat([m.run(x2, dtype) for m in mlps])
     I = downs[0].in_features
+    if len(mlps) < 2 or None in fused or any(d.in_features != I for d in downs) \
+            or I % FUSE_BLOCK or len(mlps) * I > GRAIN_SIZE:
+        return torch.cat([m.run(x2, dtype) for m in mlps])
     gu = torch.cat([int4_matmul(f, x2) for f in fused])  # [A, 2I]: each expert's gate, then up
     h = (F.silu(gu[:, :I].to(dtype)) * gu[:, I:]).to(x2.dtype)  # [A, I]
     return torch.cat([int4_matmul(d, row) for d, row in zip(downs, h.split(1))])
@@ -243,6 +248,7 @@ def _fusable(mlp: nn.Module) -> bool:
 
 
 FUSE_BLOCK = 64  # the CPU kernel computes output columns in blocks of 64
+GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements run on one thread
 
 
 def concat_outputs(layers: list[QuantLinear]) -> QuantLinear | None:
