@@ -76,6 +76,11 @@ def test_experts_sharing_one_input_cast_is_bitwise(ckpts, kind, offloaded, monke
         monkeypatch.setattr(ExpertInput, "__call__",  # every expert called on its own
                             lambda self, expert, rows=None: expert(self.x if rows is None else self.x[rows]))
         monkeypatch.setattr(ExpertInput, "each", lambda self, experts: torch.cat([e(self.x) for e in experts]))
+
+        def one_by_one(self, provider, ids):  # each expert whole, while the provider holds it
+            ys = {e: expert(self.x) for e, expert in provider.experts_for(sorted(ids))}
+            return torch.cat([ys[e] for e in ids])
+        monkeypatch.setattr(ExpertInput, "each_arriving", one_by_one)
         slow = logits()
         assert all(torch.equal(a, b) for a, b in zip(fast, slow))
     finally:
@@ -238,6 +243,26 @@ def test_pinned_experts_are_never_evicted():
         cache.request(1, 5)
     list(gen)
     assert cache.request(1, 4, prefetch=True) is not None
+
+
+def test_held_experts_stay_pinned_until_the_iterator_closes():
+    """hold=True (decode, experts finished together): every yielded expert stays pinned, even
+    after the last one is handed over, until close(); more ids than slots are refused."""
+    cache, _ = tiny_cache(slots=3)
+    gen = cache.experts_for(1, [0, 1, 2], hold=True)
+    got = [next(gen) for _ in range(3)]
+    assert [e for e, _ in got] == [0, 1, 2] and cache.layers[1].pinned == {0, 1, 2}
+    assert cache.request(1, 4, prefetch=True) is None  # no slot may be reused yet
+    gen.close()
+    assert not cache.layers[1].pinned and cache.request(1, 4, prefetch=True) is not None
+    plain = cache.experts_for(1, [0, 1])
+    next(plain)
+    assert cache.layers[1].pinned == {0, 1}  # the first handed over: pinned until the next is asked for
+    second, _ = next(plain)
+    assert cache.layers[1].pinned == {second}
+    plain.close()
+    with pytest.raises(ValueError, match="cannot hold 4 experts in 3 slots"):
+        next(cache.experts_for(1, [0, 1, 2, 3], hold=True))
 
 
 def test_more_experts_than_slots_stream_through(ckpts):

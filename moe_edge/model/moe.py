@@ -20,11 +20,12 @@ class ExpertProvider(Protocol):
 
     `experts_for(ids)` yields `(expert id, callable)` for every id, in whatever order they
     become available: a resident provider yields them at once, an offloading one yields
-    cached experts first and the rest as their loads land. The MoE block does not care,
-    except at decode, where it runs resident experts together (they stay valid together).
+    cached experts first and the rest as their loads land. With `hold` (decode: no more ids
+    than slots) every yielded expert stays valid until the iterator is closed, so the block
+    can finish them together; without it, only until the next one is asked for.
     """
 
-    def experts_for(self, ids: Iterable[int]) -> Iterator[tuple[int, Expert]]: ...
+    def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, Expert]]: ...
 
 
 class ResidentExperts(nn.ModuleList):
@@ -34,8 +35,8 @@ class ResidentExperts(nn.ModuleList):
         super().__init__(MLP(config.hidden_size, config.moe_intermediate_size)
                          for _ in range(config.num_experts))
 
-    def experts_for(self, ids: Iterable[int]) -> Iterator[tuple[int, Expert]]:
-        for e in ids:
+    def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, Expert]]:
+        for e in ids:  # resident: valid for good, held or not
             yield e, self[e]
 
 
@@ -82,9 +83,7 @@ class ExpertInput:
         dtype = getattr(expert, "kernel_dtype", None)
         if dtype is None:
             return expert(self.x if rows is None else self.x[rows])
-        x = self.cast.get(dtype)
-        if x is None:
-            x = self.cast[dtype] = self.x.to(dtype)
+        x = self._in(dtype)
         return expert.run(x if rows is None else x[rows], self.x.dtype)
 
     def each(self, experts: list[Expert]) -> torch.Tensor:
@@ -94,11 +93,41 @@ class ExpertInput:
         if len(dtypes) != 1 or None in dtypes:
             return torch.cat([self(e) for e in experts])
         from ..quant.qlinear import run_experts
-        dtype = dtypes.pop()
+        return run_experts(experts, self._in(dtypes.pop()), self.x.dtype)
+
+    def each_arriving(self, provider: ExpertProvider, ids: list[int]) -> torch.Tensor:
+        """each() for experts a provider hands over one by one (offloaded: cached first, then
+        as loads land), held until the last has run: an int4 expert's gate+up row is
+        computed on arrival, overlapping the loads still in flight, and the rest of them
+        together at the end (run_experts); other experts run whole on arrival. [A, D]."""
+        from ..quant.qlinear import gate_up_row, run_experts
+        slot = {e: i for i, e in enumerate(ids)}
+        ys, split, rows, first = [self.x] * len(ids), {}, {}, None
+        arriving = provider.experts_for(sorted(slot), hold=True)
+        try:
+            for _ in ids:  # not to exhaustion: a finished iterator lets its experts go
+                e, expert = next(arriving)
+                first = first or expert.kernel_dtype  # experts run together share a kernel dtype
+                row = gate_up_row(expert, self._in(first)) if first and expert.kernel_dtype == first else None
+                if row is None:
+                    ys[slot[e]] = self(expert)  # [1, D]
+                else:
+                    split[slot[e]], rows[slot[e]] = expert, row
+            if split:
+                order = sorted(split)
+                done = run_experts([split[i] for i in order], self._in(first), self.x.dtype,
+                                   [rows[i] for i in order])
+                for i, y in zip(order, done.split(1)):
+                    ys[i] = y
+        finally:
+            arriving.close()
+        return torch.cat(ys)
+
+    def _in(self, dtype: torch.dtype) -> torch.Tensor:
         x = self.cast.get(dtype)
         if x is None:
             x = self.cast[dtype] = self.x.to(dtype)
-        return run_experts(experts, x, self.x.dtype)
+        return x
 
 
 class MoEBlock(nn.Module):
@@ -154,12 +183,8 @@ class MoEBlock(nn.Module):
         return (weights[..., None] * ys).sum(1)
 
     def _decode(self, inputs: ExpertInput, ids: list[int]) -> torch.Tensor:
-        """[A, D], row a from expert ids[a]: all at once when the experts are resident (they
-        stay valid together), else one by one as the provider hands them over."""
+        """[A, D], row a from expert ids[a]: at once when the experts are resident, else as
+        the provider hands them over (held until all have run)."""
         if isinstance(self.experts, ResidentExperts):
             return inputs.each([self.experts[e] for e in ids])
-        slot = {e: i for i, e in enumerate(ids)}
-        ys = [inputs.x] * len(ids)
-        for e, expert in self.experts.experts_for(sorted(slot)):
-            ys[slot[e]] = inputs(expert)  # [1, D]
-        return torch.cat(ys)
+        return inputs.each_arriving(self.experts, ids)

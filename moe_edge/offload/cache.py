@@ -192,11 +192,14 @@ class ExpertCache:
                 self.request(layer, e, prefetch=True)
 
     # --- the ExpertProvider protocol, per layer -----------------------------------------
-    def experts_for(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, MLP]]:
+    def experts_for(self, layer: int, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, MLP]]:
         """Resident experts first, then the others as their loads land; more experts than
-        slots (prefill) stream through the slots, loading ahead while one computes."""
+        slots (prefill) stream through the slots, loading ahead while one computes. With
+        `hold` (at most as many ids as slots) each stays pinned until the iterator is closed."""
         lc = self.layers[layer]
         ids = list(ids)
+        if hold and len(ids) > self.slots_per_layer:
+            raise ValueError(f"cannot hold {len(ids)} experts in {self.slots_per_layer} slots")
         self._record_prediction(lc, ids)
         pending = deque(sorted(ids, key=lambda e: e not in lc.where))
         active: deque[tuple[int, Slot]] = deque()
@@ -212,7 +215,8 @@ class ExpertCache:
                     continue
                 e, slot = self._next_ready(active)
                 yield e, self._ready(lc, slot, layer)
-                lc.pinned.discard(e)
+                if not hold:
+                    lc.pinned.discard(e)
         finally:
             lc.pinned.clear()
 
@@ -257,5 +261,5 @@ class LayerExperts:
     def __init__(self, cache: ExpertCache, layer: int):
         self.cache, self.layer = cache, layer
 
-    def experts_for(self, ids: Iterable[int]) -> Iterator[tuple[int, MLP]]:
-        return self.cache.experts_for(self.layer, ids)
+    def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, MLP]]:
+        return self.cache.experts_for(self.layer, ids, hold)

@@ -217,7 +217,16 @@ class QuantMLP(MLP):
         return int4_matmul(down, h.to(x2.dtype))
 
 
-def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def gate_up_row(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor | None:
+    """An expert's fused gate+up output [1, 2I] for `x2` [1, D] in its kernel dtype (the
+    first half of run_experts, for experts handed over one at a time), or None when it has
+    no fused gate_up."""
+    fused = mlp._modules.get("gate_up")
+    return None if fused is None else int4_matmul(fused, x2)
+
+
+def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype,
+                rows: list[torch.Tensor] | None = None) -> torch.Tensor:
     """torch.cat([m.run(x2, dtype) for m in mlps]) [A, D] for one row `x2` [1, D] in the
     kernel's dtype, bit for bit, in fewer ops: the experts' gate+up rows are stacked and go
     through silu, the product and the cast to the kernel's dtype once for all, then each
@@ -228,14 +237,15 @@ def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype) -> t
     Exact because each row then meets the same CPU loops it meets alone: a vectorised body
     and a scalar tail (whose exp differs in the last bit) split every row at the same offsets
     when I is a multiple of FUSE_BLOCK (fused gate+up guarantees it), and A*I up to
-    ATen's grain size keeps the op on one thread, so no thread boundary falls inside a row."""
+    ATen's grain size keeps the op on one thread, so no thread boundary falls inside a row.
+    `rows`: the experts' gate_up_row outputs when the caller computed them already."""
     downs = [m._modules["down_proj"] for m in mlps]
     fused = [m._modules.get("gate_up") for m in mlps]
     I = downs[0].in_features
     if len(mlps) < 2 or None in fused or any(d.in_features != I for d in downs) \
             or I % FUSE_BLOCK or len(mlps) * I > GRAIN_SIZE:
         return torch.cat([m.run(x2, dtype) for m in mlps])
-    gu = torch.cat([int4_matmul(f, x2) for f in fused])  # [A, 2I]: each expert's gate, then up
+    gu = torch.cat(rows if rows is not None else [int4_matmul(f, x2) for f in fused])  # [A, 2I]
     h = (F.silu(gu[:, :I].to(dtype)) * gu[:, I:]).to(x2.dtype)  # [A, I]
     return torch.cat([int4_matmul(d, row) for d, row in zip(downs, h.split(1))])
 
