@@ -1,6 +1,7 @@
 """`moe-edge chat` in a real pseudo-terminal: streaming, Ctrl-C mid-reply, Ctrl-D to leave."""
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,8 +16,11 @@ MOE_EDGE = str(Path(sys.executable).parent / "moe-edge")
 @pytest.mark.skipif(not os.path.exists(MOE_EDGE), reason="the moe-edge script is not installed")
 def test_chat_streams_stops_on_ctrl_c_and_exits_on_ctrl_d(tmp_path):
     env = {**os.environ, "MOE_EDGE_CACHE": str(tmp_path), "TERM": "dumb"}
+    # Ctrl-C as in a user's terminal: a job started in the background of a script (as CI
+    # may be) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored
     child = pexpect.spawn(MOE_EDGE, ["chat", "-n", "1500", "--temp", "1.0", "-s", "3"],
-                          encoding="utf-8", timeout=120, env=env)
+                          encoding="utf-8", timeout=120, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = []
     child.logfile_read = type("Log", (), {"write": lambda self, s: log.append(s), "flush": lambda self: None})()
     child.expect(">>> ")
