@@ -25,7 +25,7 @@ from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
-from .quant.int8 import head_in_int8, int8_lm_head
+from .quant.int8 import check_lm_head, head_in_int8, int8_lm_head
 from .quant.qlinear import fuse_qkv, use_quant_mlps
 from .tokenizer import format_chat, load_tokenizer
 
@@ -72,7 +72,7 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     config = load_config(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    _check_lm_head(lm_head, device)
+    check_lm_head(lm_head, device)
     weights = WeightMap(CheckpointReader(path), config)
     with torch.device("meta"):
         model = MoEForCausalLM(config)
@@ -101,10 +101,6 @@ def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
     c = model.config
     int8 = head_in_int8(lm_head, device, c.vocab_size * c.hidden_size, c.tie_word_embeddings)
     model.lm_head_int8 = int8 and int8_lm_head(model)
-
-
-def _check_lm_head(lm_head: str, device: torch.device) -> None:
-    head_in_int8(lm_head, device, 0, False)  # raises on what load could not do
 
 
 @dataclass
@@ -222,7 +218,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     if slow_tier not in ("ram", "disk") or (slow_tier == "disk" and device.type != "cpu"):
         raise ConfigError(f"slow tier {slow_tier!r} with device {device.type}: use ram (any "
                           "device) or disk (with device cpu)")
-    _check_lm_head(lm_head, device)
+    check_lm_head(lm_head, device)
     available = available_memory(device)  # before the dense part takes its share
     keep16 = keeps_bf16(device, dtype, bf16_weights)
     model, weights, quant = _dense_part(path, config, device, dtype, kernel, keep16, lm_head)

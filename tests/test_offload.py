@@ -61,7 +61,7 @@ def test_offloaded_equals_resident(ckpts, kind, slots, depth):
 @pytest.mark.parametrize("offloaded", [False, True])
 def test_experts_sharing_one_input_cast_is_bitwise(ckpts, kind, offloaded, monkeypatch):
     """ExpertInput casts a layer's input once for all its int4 experts and keeps their
-    outputs in the kernel's dtype (and at decode runs the resident ones together); prefill
+    outputs in the kernel's dtype (and at decode runs them together, resident or offloaded); prefill
     and decode logits equal those of every expert casting its own input and output."""
     from moe_edge.model.moe import ExpertInput
     lm = load_offloaded(ckpts[kind], device="cpu", expert_cache=3) if offloaded else load(ckpts[kind], device="cpu")
@@ -75,7 +75,6 @@ def test_experts_sharing_one_input_cast_is_bitwise(ckpts, kind, offloaded, monke
         fast = logits()
         monkeypatch.setattr(ExpertInput, "__call__",  # every expert called on its own
                             lambda self, expert, rows=None: expert(self.x if rows is None else self.x[rows]))
-        monkeypatch.setattr(ExpertInput, "each", lambda self, experts: torch.cat([e(self.x) for e in experts]))
 
         def one_by_one(self, provider, ids):  # each expert whole, while the provider holds it
             ys = {e: expert(self.x) for e, expert in provider.experts_for(sorted(ids))}

@@ -86,20 +86,12 @@ class ExpertInput:
         x = self._in(dtype)
         return expert.run(x if rows is None else x[rows], self.x.dtype)
 
-    def each(self, experts: list[Expert]) -> torch.Tensor:
-        """[A, D]: every expert on this one-row input, stacked (in the kernel's dtype when
-        all of them have the same one). Int4 experts run together (quant.qlinear.run_experts)."""
-        dtypes = {getattr(e, "kernel_dtype", None) for e in experts}
-        if len(dtypes) != 1 or None in dtypes:
-            return torch.cat([self(e) for e in experts])
-        from ..quant.qlinear import run_experts
-        return run_experts(experts, self._in(dtypes.pop()), self.x.dtype)
-
     def each_arriving(self, provider: ExpertProvider, ids: list[int]) -> torch.Tensor:
-        """each() for experts a provider hands over one by one (offloaded: cached first, then
-        as loads land), held until the last has run: an int4 expert's gate+up row is
-        computed on arrival, overlapping the loads still in flight, and the rest of them
-        together at the end (run_experts); other experts run whole on arrival. [A, D]."""
+        """[A, D], row a from expert ids[a] on this one-row input (decode), for experts as a
+        provider hands them over (resident: at once; offloaded: cached first, then as loads
+        land), held until the last has run. An int4 expert's gate+up row is computed on
+        arrival, overlapping the loads still in flight, and the rest of the int4 experts
+        together at the end (quant.qlinear.run_experts); other experts run whole on arrival."""
         from ..quant.qlinear import gate_up_row, run_experts
         slot = {e: i for i, e in enumerate(ids)}
         ys, split, rows, first = [self.x] * len(ids), {}, {}, None
@@ -108,7 +100,8 @@ class ExpertInput:
             for _ in ids:  # not to exhaustion: a finished iterator lets its experts go
                 e, expert = next(arriving)
                 first = first or expert.kernel_dtype  # experts run together share a kernel dtype
-                row = gate_up_row(expert, self._in(first)) if first and expert.kernel_dtype == first else None
+                row = gate_up_row(expert, self._in(first), len(ids)) \
+                    if first and expert.kernel_dtype == first else None
                 if row is None:
                     ys[slot[e]] = self(expert)  # [1, D]
                 else:
@@ -117,6 +110,8 @@ class ExpertInput:
                 order = sorted(split)
                 done = run_experts([split[i] for i in order], self._in(first), self.x.dtype,
                                    [rows[i] for i in order])
+                if len(order) == len(ids):
+                    return done  # all of them, in slot order
                 for i, y in zip(order, done.split(1)):
                     ys[i] = y
         finally:
@@ -168,7 +163,7 @@ class MoEBlock(nn.Module):
         N, A = ids.shape
         flat = inputs.x
         if N == 1:  # decode: k experts, one token
-            ys = self._decode(inputs, ids.tolist()[0]).to(flat.dtype)  # [A, D]
+            ys = inputs.each_arriving(self.experts, ids.tolist()[0]).to(flat.dtype)  # [A, D]
             return (weights.view(A, 1) * ys).sum(0, keepdim=True)
         flat_ids = ids.reshape(-1)  # [N*A]
         order = torch.argsort(flat_ids, stable=True)
@@ -181,10 +176,3 @@ class MoEBlock(nn.Module):
             ys[starts[e]:starts[e + 1]] = inputs(expert, token_of[starts[e]:starts[e + 1]])
         ys = ys.index_select(0, torch.argsort(order)).view(N, A, -1)  # back to [N, A, D]
         return (weights[..., None] * ys).sum(1)
-
-    def _decode(self, inputs: ExpertInput, ids: list[int]) -> torch.Tensor:
-        """[A, D], row a from expert ids[a]: at once when the experts are resident, else as
-        the provider hands them over (held until all have run)."""
-        if isinstance(self.experts, ResidentExperts):
-            return inputs.each([self.experts[e] for e in ids])
-        return inputs.each_arriving(self.experts, ids)

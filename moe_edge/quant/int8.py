@@ -22,18 +22,23 @@ LM_HEADS = ("auto", "int8", "stored")  # what load(lm_head=...) accepts
 AUTO_MIN_WEIGHTS = 2**24
 
 
-def head_in_int8(lm_head: str, device: torch.device, weights: int, tied: bool) -> bool:
-    """Whether a 16- or 32-bit lm_head of `weights` weights is made int8 at load: always with
-    "int8" (CPU only), never with "stored"; with "auto" on a CPU with native bf16 (where its
-    speed was measured; the kernel takes bf16 activations) when it has AUTO_MIN_WEIGHTS or
-    more and is not tied to the embeddings (an int8 copy of a tied head adds memory instead
-    of replacing it). Unknown values, or "int8" off the CPU, raise ConfigError."""
+def check_lm_head(lm_head: str, device: torch.device) -> None:
+    """ConfigError for an unknown value, or "int8" off the CPU."""
     if lm_head not in LM_HEADS:
         raise ConfigError(f"lm_head {lm_head!r} is not supported; use one of {', '.join(LM_HEADS)} "
                           "(stored keeps the checkpoint's head)")
     if lm_head == "int8" and device.type != "cpu":
         raise ConfigError("lm_head int8 runs on the CPU's _weight_int8pack_mm; on a GPU use "
                           "auto or stored")
+
+
+def head_in_int8(lm_head: str, device: torch.device, weights: int, tied: bool) -> bool:
+    """Whether a 16- or 32-bit lm_head of `weights` weights is made int8 at load: always with
+    "int8" (CPU only), never with "stored"; with "auto" on a CPU with native bf16 (where its
+    speed was measured; the kernel takes bf16 activations) when it has AUTO_MIN_WEIGHTS or
+    more and is not tied to the embeddings (an int8 copy of a tied head adds memory instead
+    of replacing it). Bad values raise ConfigError (check_lm_head)."""
+    check_lm_head(lm_head, device)
     if lm_head == "auto":
         from ..info import native_bf16
         return device.type == "cpu" and weights >= AUTO_MIN_WEIGHTS and not tied and native_bf16()

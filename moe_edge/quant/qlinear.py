@@ -205,9 +205,7 @@ class QuantMLP(MLP):
         m = self._modules
         down = m["down_proj"]
         if "gate_up" in m:
-            gu = int4_matmul(m["gate_up"], x2)  # [M, 2I]: gate's columns, then up's
-            I = down.in_features
-            h = F.silu(gu[:, :I].to(dtype)) * gu[:, I:]
+            h = _glu(int4_matmul(m["gate_up"], x2), down.in_features, dtype)
         else:
             gate, up = m["gate_proj"], m["up_proj"]
             perm = gate._buffers["perm"]
@@ -217,12 +215,25 @@ class QuantMLP(MLP):
         return int4_matmul(down, h.to(x2.dtype))
 
 
-def gate_up_row(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor | None:
+def _glu(gu: torch.Tensor, I: int, dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up in `dtype` from fused gate+up outputs [M, 2I] (gate's columns first):
+    one expression for one expert and for several, which is what keeps them bitwise equal."""
+    return F.silu(gu[:, :I].to(dtype)) * gu[:, I:]
+
+
+def _together(I: int, A: int) -> bool:
+    """Whether A experts of width I may go through run_experts' shared ops bit for bit (see there)."""
+    return A >= 2 and I % FUSE_BLOCK == 0 and A * I <= GRAIN_SIZE
+
+
+def gate_up_row(mlp: nn.Module, x2: torch.Tensor, together: int) -> torch.Tensor | None:
     """An expert's fused gate+up output [1, 2I] for `x2` [1, D] in its kernel dtype (the
-    first half of run_experts, for experts handed over one at a time), or None when it has
-    no fused gate_up."""
+    first half of run_experts, for experts handed over one at a time), or None when it
+    cannot run together with `together` experts (no fused gate_up, or see run_experts)."""
     fused = mlp._modules.get("gate_up")
-    return None if fused is None else int4_matmul(fused, x2)
+    if fused is None or not _together(mlp._modules["down_proj"].in_features, together):
+        return None
+    return int4_matmul(fused, x2)
 
 
 def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype,
@@ -242,11 +253,10 @@ def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype,
     downs = [m._modules["down_proj"] for m in mlps]
     fused = [m._modules.get("gate_up") for m in mlps]
     I = downs[0].in_features
-    if len(mlps) < 2 or None in fused or any(d.in_features != I for d in downs) \
-            or I % FUSE_BLOCK or len(mlps) * I > GRAIN_SIZE:
+    if None in fused or any(d.in_features != I for d in downs) or not _together(I, len(mlps)):
         return torch.cat([m.run(x2, dtype) for m in mlps])
     gu = torch.cat(rows if rows is not None else [int4_matmul(f, x2) for f in fused])  # [A, 2I]
-    h = (F.silu(gu[:, :I].to(dtype)) * gu[:, I:]).to(x2.dtype)  # [A, I]
+    h = _glu(gu, I, dtype).to(x2.dtype)  # [A, I]
     return torch.cat([int4_matmul(d, row) for d, row in zip(downs, h.split(1))])
 
 
