@@ -2,6 +2,11 @@
 
     python bench/kernels.py [--threads 2] [--device cpu|cuda]
 
+"results": one weight over and over (it stays in the caches). "streaming" (CPU): decode as
+it happens, one row through ~1 GiB of distinct expert weights (more than the caches hold),
+read at GB/s: PyTorch's kernel and moe-edge's own (quant/native.py) one weight per call,
+and the own kernel six experts per call, as a MoE layer runs them; rounds interleaved.
+
 For each shape (N out x K in) and token count it times y = x @ W.T four ways, in one run,
 interleaved (the machines are shared: read the ratios): QuantLinear as it runs (GPTQ w4
 g128, act-order; the int4 kernel, or for many tokens on the CPU the dequantised bf16 GEMM of
@@ -78,10 +83,48 @@ def main() -> None:
                          "bf16_ms": round(t_bf16 * 1e3, 4),
                          "fp32_over_int4": round(t_fp32 / t_int4, 2),
                          "bf16_over_int4": round(t_bf16 / t_int4, 2)})
-    print(json.dumps({
-        "device": str(device), "threads": torch.get_num_threads(), "results": rows,
-        "machine": machine(),
-    }))
+    out = {"device": str(device), "threads": torch.get_num_threads(), "results": rows}
+    if device.type == "cpu":
+        out["streaming"] = streaming()
+    print(json.dumps({**out, "machine": machine()}))
+
+
+def streaming(total_bytes: float = 2**30, rounds: int = 3) -> list[dict]:
+    """GB/s of one-row matmuls over distinct weights (see the module docstring)."""
+    from moe_edge.quant import native
+    rows = []
+    for N, K in [(2816, 2048), (2048, 1408)]:  # fused gate+up, down of a DeepSeek-16B expert
+        count = int(total_bytes // (N * K // 2)) // 6 * 6
+        q = torch.randint(0, 16, (N, K), dtype=torch.int32)
+        layers = []
+        for _ in range(count):  # distinct buffers, same values (the values do not matter here)
+            layer = QuantLinear(K, N, "int4-cpu")
+            layer.group, layer.perm, layer.bias = 128, None, None
+            layer.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+            layer.register_buffer("scale_zeros", (torch.rand(K // 128, N, 2) * 0.01).bfloat16())
+            layers.append(layer)
+        x = torch.randn(1, K).bfloat16()
+        ways = {"pytorch_kernel": lambda l: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, l.packed, 128, l.scale_zeros)}
+        if native.available():
+            ways["moe_edge_kernel"] = lambda l: native.int4_mm(l, x)
+            ways["moe_edge_kernel_6_per_call"] = None
+        seconds = {name: [] for name in ways}
+        for _ in range(rounds):
+            for name, fn in ways.items():
+                t0 = time.perf_counter()
+                if fn is None:
+                    for i in range(0, count, 6):
+                        native.int4_mm_cat(layers[i:i + 6], [x])
+                else:
+                    for layer in layers:
+                        fn(layer)
+                seconds[name].append(time.perf_counter() - t0)
+        row = {"shape": f"{N}x{K}", "weights": count, "bytes_each": N * K // 2}
+        for name, times in seconds.items():
+            row[f"{name}_gb_per_s"] = round(count * N * K / 2 / sorted(times)[len(times) // 2] / 1e9, 2)
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..memory import trim_heap
 from ..model.layers import MLP
-from . import int4_cpu
+from . import int4_cpu, native
 from .format import GPTQTensors, unpack
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes tinygemm accepts
@@ -172,6 +172,8 @@ def int4_matmul(layer: QuantLinear, x2: torch.Tensor, permuted: torch.Tensor | N
         permuted = x2.index_select(1, perm) if perm is not None else x2.contiguous()
     if layer.kernel == "int4-cpu" and int4_cpu.usable(layer, permuted):  # prefill: many rows
         y = int4_cpu.matmul(layer, permuted)
+    elif permuted.dtype == torch.bfloat16 and native.usable(layer):
+        y = native.int4_mm(layer, permuted)
     else:
         y = _INT4_MM[layer.kernel](permuted, b["packed"], layer.group, b["scale_zeros"])
     return y if b["bias"] is None else y + b["bias"]
@@ -255,9 +257,22 @@ def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype,
     I = downs[0].in_features
     if None in fused or any(d.in_features != I for d in downs) or not _together(I, len(mlps)):
         return torch.cat([m.run(x2, dtype) for m in mlps])
-    gu = torch.cat(rows if rows is not None else [int4_matmul(f, x2) for f in fused])  # [A, 2I]
+    gu = torch.cat(rows) if rows is not None else _int4_cat(fused, [x2] * len(fused))  # [A, 2I]
     h = _glu(gu, I, dtype).to(x2.dtype)  # [A, I]
-    return torch.cat([int4_matmul(d, row) for d, row in zip(downs, h.split(1))])
+    return _int4_cat(downs, h.split(1))
+
+
+def _int4_cat(layers: list[QuantLinear], xs: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat([int4_matmul(l, x) for ...]) for one-row inputs, bit for bit: in one call of
+    the native kernel when every layer takes it (one parallel region for a layer's experts)."""
+    if xs[0].dtype == torch.bfloat16 and all(
+            native.usable(l) and l.bias is None and l.group == layers[0].group for l in layers):
+        perms = [l._buffers["perm"] for l in layers]
+        if all(p is None for p in perms) and all(x is xs[0] for x in xs):
+            return native.int4_mm_cat(layers, [xs[0].contiguous()])  # one input, shared
+        return native.int4_mm_cat(layers, [x.index_select(1, p) if p is not None else x.contiguous()
+                                           for x, p in zip(xs, perms)])
+    return torch.cat([int4_matmul(l, x) for l, x in zip(layers, xs)])
 
 
 def _fusable(mlp: nn.Module) -> bool:

@@ -1,0 +1,156 @@
+"""moe-edge's own CPU int4 kernel (quant/native.py, csrc/int4_decode.cpp): exact to the last
+bf16 rounding, every row computed alone, experts batched bit for bit, the demo's logits as
+close to the exact model as with PyTorch's kernel."""
+
+import pytest
+import torch
+
+from moe_edge.api import load, load_model
+from moe_edge.evaluate import heldout_ids
+from moe_edge.hub import DEMO
+from moe_edge.quant import native
+from moe_edge.quant.qlinear import QuantLinear, int4_matmul, run_experts, use_quant_mlps
+from moe_edge.model.layers import MLP
+from moe_edge.testing import gptq_layer
+
+# On a CPU with the instructions the kernel must build and run (CI's machines have them).
+pytestmark = pytest.mark.skipif(not native.CPU_FLAGS <= native.cpu_flags(),
+                                reason="CPU without AVX512-BF16/VBMI: PyTorch's kernel runs instead")
+
+
+def layer(N, K, group=128, act_order=False, seed=0):
+    assert native.available()
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return QuantLinear.from_gptq(gptq_layer(w, group, act_order=act_order, seed=seed), False, torch.device("cpu"))
+
+
+def exact(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T in float64 with W the kernel's own weight: (q - 8) s + zero from its buffers."""
+    from moe_edge.quant.int4_cpu import _unpack
+    N, K = q.out_features, q.in_features
+    values = _unpack(q.packed.view(-1), 64, N, K).double()  # [N, K]
+    s, zero = (q.scale_zeros[..., i].double().repeat_interleave(q.group, 0).T for i in (0, 1))
+    return x.double() @ ((values - 8) * s + zero).T
+
+
+def test_the_kernel_builds_here():
+    assert native.available()
+
+
+@pytest.mark.parametrize("N,K,group", [(64, 128, 128), (256, 512, 32), (2816, 2048, 128), (192, 1408, 128)])
+def test_int4_mm_is_the_exact_product_rounded_once(N, K, group):
+    """fp32 accumulation of exact products: the output is the exact result rounded to bf16,
+    but where the exact value lies within accumulation error of a rounding tie."""
+    q = layer(N, K, group)
+    x = torch.randn(5, K).bfloat16()
+    y, ref = native.int4_mm(q, x), exact(q, x)
+    assert y.dtype == torch.bfloat16 and y.shape == (5, N)
+    agree = (y == ref.to(torch.bfloat16)).float().mean().item()
+    assert agree > 0.995, agree
+    # within a bf16 step everywhere, but for fp32 accumulation error where sums cancel
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-5 * ref.abs().max()).all()
+    torch_kernel = torch._weight_int4pack_mm_for_cpu(x, q.packed, q.group, q.scale_zeros)
+    assert (torch_kernel == ref.to(torch.bfloat16)).float().mean() > 0.95  # PyTorch's: same weights
+
+
+def test_every_row_is_computed_alone():
+    """Row r of an M-row call equals row r alone, whatever M (rows run in pairs plus one),
+    and the thread count does not change a bit."""
+    q = layer(320, 512)
+    x = torch.randn(7, 512).bfloat16()
+    y = native.int4_mm(q, x)
+    for m in range(1, 8):
+        assert torch.equal(native.int4_mm(q, x[:m]), y[:m])
+    for r in range(7):
+        assert torch.equal(native.int4_mm(q, x[r:r + 1]), y[r:r + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.int4_mm(q, x), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_experts_in_one_call_are_bitwise_one_by_one():
+    qs = [layer(256, 384, seed=s) for s in range(6)]
+    x = torch.randn(1, 384).bfloat16()
+    alone = torch.cat([native.int4_mm(q, x) for q in qs])
+    assert torch.equal(native.int4_mm_cat(qs, [x]), alone)  # one shared input
+    xs = [torch.randn(1, 384).bfloat16() for _ in qs]
+    assert torch.equal(native.int4_mm_cat(qs, xs), torch.cat([native.int4_mm(q, x) for q, x in zip(qs, xs)]))
+    with pytest.raises(RuntimeError, match="one output width"):
+        native.int4_mm_cat([qs[0], layer(128, 384)], [x])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_quant_linear_and_experts_take_the_kernel(act_order):
+    """QuantLinear runs it for any row count below the prefill GEMM (so decode rows equal
+    prefill rows bit for bit), permuted inputs included; run_experts batches the experts."""
+    q = layer(256, 256, 32, act_order)
+    assert native.usable(q)
+    x = torch.randn(9, 256).bfloat16()
+    permuted = x.index_select(1, q.perm) if act_order else x
+    assert torch.equal(int4_matmul(q, x), native.int4_mm(q, permuted))
+    assert torch.equal(int4_matmul(q, x[3:4]), int4_matmul(q, x)[3:4])
+    assert not native.usable(layer(96, 256))  # width not a multiple of 64: PyTorch's kernel
+
+    mlps = []
+    for s in range(4):
+        mlp = MLP(256, 128)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = (layer(128, 256, 32, act_order, 3 * s),
+                                                     layer(128, 256, 32, act_order, 3 * s),
+                                                     layer(256, 128, 32, act_order, 3 * s + 1))
+        use_quant_mlps(mlp)
+        mlps.append(mlp)
+    calls = []
+    cat = native._CAT
+    native._CAT = lambda *a: calls.append(len(a[1])) or cat(*a)
+    try:
+        together = run_experts(mlps, x[:1], torch.float32)
+    finally:
+        native._CAT = cat
+    assert calls == [4, 4]  # gate+up of all four, then their down projections
+    assert torch.equal(together, torch.cat([m.run(x[:1], torch.float32) for m in mlps]))
+
+
+def test_switched_off_and_failed_builds_fall_back():
+    def no_compiler():
+        raise RuntimeError("Error building extension\nc++: not found")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            native.available.cache_clear()
+            mp.setenv(native.ENV, "0")
+            assert not native.available()
+            native.available.cache_clear()
+            mp.delenv(native.ENV)
+            mp.setattr(native, "_build", no_compiler)
+            with pytest.warns(UserWarning, match="did not build .c\\+\\+: not found.; using PyTorch's"):
+                assert not native.available()
+    finally:
+        native.available.cache_clear()
+    assert native.available()  # and built again (from the cache) once nothing is in the way
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
+def test_demo_logits_match_pytorchs_kernel():
+    """The trained demo, teacher-forced over 64 held-out tokens: the two kernels' logits differ
+    by far less than either differs from the exact fp32 model, and pick the same token
+    wherever the top two are not within that difference (greedy text can still part at a
+    near-tie: margins here go down to 0.01)."""
+    ids = heldout_ids(load(DEMO, device="cpu").tokenizer, max_tokens=64)[None]
+    logits = {}
+    for run in ("own", "pytorch", "exact"):
+        model = load_model(DEMO, device="cpu", kernel="dequant" if run == "exact" else "auto", lm_head="stored")
+        for m in model.modules():
+            if isinstance(m, QuantLinear) and run != "exact":
+                m.__dict__["_native"] = run == "own" and native.usable(m)
+        with torch.no_grad():
+            logits[run] = model(ids).float()
+    own, theirs, exact = logits["own"], logits["pytorch"], logits["exact"]
+    between = (own - theirs).abs().max()
+    assert between < 0.01 * exact.abs().max()
+    assert (own - exact).abs().max() < 1.1 * (theirs - exact).abs().max()
+    top2 = theirs.topk(2, -1).values
+    clear = top2[..., 0] - top2[..., 1] > 2 * between
+    assert clear.float().mean() > 0.8
+    assert torch.equal(own.argmax(-1)[clear], theirs.argmax(-1)[clear])
