@@ -85,7 +85,8 @@ def test_experts_in_one_call_are_bitwise_one_by_one():
 @pytest.mark.parametrize("act_order", [False, True])
 def test_quant_linear_and_experts_take_the_kernel(act_order):
     """QuantLinear runs it for any row count below the prefill GEMM (so decode rows equal
-    prefill rows bit for bit), permuted inputs included; run_experts batches the experts."""
+    prefill rows bit for bit), permuted inputs included; run_experts runs the experts in one
+    call."""
     q = layer(256, 256, 32, act_order)
     assert native.usable(q)
     x = torch.randn(9, 256).bfloat16()
@@ -103,13 +104,13 @@ def test_quant_linear_and_experts_take_the_kernel(act_order):
         use_quant_mlps(mlp)
         mlps.append(mlp)
     calls = []
-    cat = native._CAT
-    native._CAT = lambda *a: calls.append(len(a[1])) or cat(*a)
+    whole = native._MLPS
+    native._MLPS = lambda *a: calls.append(len(a[1])) or whole(*a)
     try:
         together = run_experts(mlps, x[:1], torch.float32)
     finally:
-        native._CAT = cat
-    assert calls == [4, 4]  # gate+up of all four, then their down projections
+        native._MLPS = whole
+    assert calls == [4]  # all four experts, gate+up to down, in one call
     assert torch.equal(together, torch.cat([m.run(x[:1], torch.float32) for m in mlps]))
 
 
@@ -154,3 +155,27 @@ def test_demo_logits_match_pytorchs_kernel():
     clear = top2[..., 0] - top2[..., 1] > 2 * between
     assert clear.float().mean() > 0.8
     assert torch.equal(own.argmax(-1)[clear], theirs.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_mlps_in_one_call_are_bitwise_the_python_ops(act_order, dtype):
+    """native.mlps runs QuantMLP.run (any rows below the prefill GEMM) and run_experts (one
+    row, several experts) as one C++ call of the same ATen ops: the same bits as the
+    Python path it replaces, which the tests above tie to the three QuantLinears."""
+    def mlp(s):
+        m = MLP(256, 128)
+        m.gate_proj, m.up_proj, m.down_proj = (layer(128, 256, 32, act_order, 3 * s),
+                                               layer(128, 256, 32, act_order, 3 * s),
+                                               layer(256, 128, 32, act_order, 3 * s + 1))
+        use_quant_mlps(m)
+        assert native.mlps_usable(m)
+        return m
+    mlps = [mlp(s) for s in range(4)]
+    x = torch.randn(5, 256).bfloat16()
+    fast = [m.run(x[:r], dtype) for m in mlps for r in (1, 3)] + [run_experts(mlps, x[:1], dtype)]
+    for m in mlps:
+        m.__dict__["_native"] = False  # the Python ops, each matmul still on the native kernel
+    slow = [m.run(x[:r], dtype) for m in mlps for r in (1, 3)] + [run_experts(mlps, x[:1], dtype)]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)

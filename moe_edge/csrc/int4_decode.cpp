@@ -201,14 +201,52 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return int4_mm_cat({x}, {w}, {sz}, g);
 }
 
+// x [M, D] permuted for one layer's input order (act-order), or as it is.
+at::Tensor ordered(const at::Tensor& x, const std::optional<at::Tensor>& perm) {
+  return perm.has_value() ? at::index_select(x, 1, *perm) : x.contiguous();
+}
+
+// E int4 MLPs with fused gate+up on one input x [M, D] (bf16): rows e*M.. of the result are
+// MLP e's output, bf16 [E*M, D]. The same ATen ops, on the same shapes, as
+// quant/qlinear.py's QuantMLP.run (E = 1) and run_experts (M = 1) run from Python, so the
+// same bits: gate+up of all E in one int4_mm_cat, silu(gate in `dtype`) * up, cast to bf16,
+// then each MLP's down projection on its rows in a second int4_mm_cat. What it saves is the
+// Python between those ops (~15 us a call while the weights stream through the caches).
+at::Tensor mlps(const at::Tensor& x, at::TensorList gate_up, at::TensorList gate_up_sz,
+                const c10::List<std::optional<at::Tensor>>& gate_up_perm, int64_t gate_up_group,
+                at::TensorList down, at::TensorList down_sz,
+                const c10::List<std::optional<at::Tensor>>& down_perm, int64_t down_group,
+                at::ScalarType dtype) {
+  const size_t E = gate_up.size();
+  TORCH_CHECK(E > 0 && gate_up_sz.size() == E && gate_up_perm.size() == E && down.size() == E &&
+                  down_sz.size() == E && down_perm.size() == E,
+              "mlps: one gate_up, down, scale_zeros and perm per MLP");
+  const int64_t M = x.size(0), I = gate_up[0].size(0) / 2;
+  bool permuted = false;
+  for (size_t e = 0; e < E; ++e) permuted = permuted || gate_up_perm.get(e).has_value();
+  std::vector<at::Tensor> xs{x.contiguous()};  // shared by all, or one per MLP in its order
+  if (permuted) {
+    xs.clear();
+    for (size_t e = 0; e < E; ++e) xs.push_back(ordered(x, gate_up_perm.get(e)));
+  }
+  const at::Tensor gu = int4_mm_cat(xs, gate_up, gate_up_sz, gate_up_group);  // [E*M, 2I]
+  const at::Tensor h = at::mul(at::silu(gu.narrow(1, 0, I).to(dtype)), gu.narrow(1, I, I)).to(at::kBFloat16);
+  std::vector<at::Tensor> hs;
+  for (size_t e = 0; e < E; ++e) hs.push_back(ordered(h.narrow(0, e * M, M), down_perm.get(e)));
+  return int4_mm_cat(hs, down, down_sz, down_group);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_edge, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor scale_zeros, int group) -> Tensor");
   m.def("int4_mm_cat(Tensor[] xs, Tensor[] ws, Tensor[] scale_zeros, int group) -> Tensor");
+  m.def("mlps(Tensor x, Tensor[] gate_up, Tensor[] gate_up_scale_zeros, Tensor?[] gate_up_perm, int gate_up_group, "
+        "Tensor[] down, Tensor[] down_scale_zeros, Tensor?[] down_perm, int down_group, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_edge, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("int4_mm_cat", &int4_mm_cat);
+  m.impl("mlps", &mlps);
 }

@@ -19,8 +19,8 @@ class ExpertProvider(Protocol):
     """Where one MoE layer's routed experts live.
 
     `experts_for(ids)` yields `(expert id, callable)` for every id, in whatever order they
-    become available: a resident provider yields them at once, an offloading one yields
-    cached experts first and the rest as their loads land. With `hold` (decode: no more ids
+    become available: a resident provider yields them at once (and says so with a true
+    `immediate`), an offloading one yields cached experts first and the rest as their loads land. With `hold` (decode: no more ids
     than slots) every yielded expert stays valid until the iterator is closed, so the block
     can finish them together; without it, only until the next one is asked for.
     """
@@ -30,6 +30,8 @@ class ExpertProvider(Protocol):
 
 class ResidentExperts(nn.ModuleList):
     """Every routed expert of one layer held in memory; names stay `experts.{e}.*_proj`."""
+
+    immediate = True  # every expert is there at once: nothing to overlap by computing on arrival
 
     def __init__(self, config: ModelConfig):
         super().__init__(MLP(config.hidden_size, config.moe_intermediate_size)
@@ -89,10 +91,12 @@ class ExpertInput:
     def each_arriving(self, provider: ExpertProvider, ids: list[int]) -> torch.Tensor:
         """[A, D], row a from expert ids[a] on this one-row input (decode), for experts as a
         provider hands them over (resident: at once; offloaded: cached first, then as loads
-        land), held until the last has run. An int4 expert's gate+up row is computed on
-        arrival, overlapping the loads still in flight, and the rest of the int4 experts
-        together at the end (quant.qlinear.run_experts); other experts run whole on arrival."""
-        from ..quant.qlinear import gate_up_row, run_experts
+        land), held until the last has run. The int4 experts run together
+        (quant.qlinear.run_experts); an offloading provider's get their gate+up row computed
+        on arrival, overlapping the loads still in flight, a resident one's all in one call
+        at the end. Other experts run whole on arrival."""
+        from ..quant.qlinear import gate_up_row, run_experts, runs_together
+        on_arrival = not getattr(provider, "immediate", False)
         slot = {e: i for i, e in enumerate(ids)}
         ys, split, rows, first = [self.x] * len(ids), {}, {}, None
         arriving = provider.experts_for(sorted(slot), hold=True)
@@ -100,16 +104,16 @@ class ExpertInput:
             for _ in ids:  # not to exhaustion: a finished iterator lets its experts go
                 e, expert = next(arriving)
                 first = first or expert.kernel_dtype  # experts run together share a kernel dtype
-                row = gate_up_row(expert, self._in(first), len(ids)) \
-                    if first and expert.kernel_dtype == first else None
-                if row is None:
-                    ys[slot[e]] = self(expert)  # [1, D]
+                if first and expert.kernel_dtype == first and runs_together(expert, len(ids)):
+                    split[slot[e]] = expert
+                    if on_arrival:
+                        rows[slot[e]] = gate_up_row(expert, self._in(first))
                 else:
-                    split[slot[e]], rows[slot[e]] = expert, row
+                    ys[slot[e]] = self(expert)  # [1, D]
             if split:
                 order = sorted(split)
                 done = run_experts([split[i] for i in order], self._in(first), self.x.dtype,
-                                   [rows[i] for i in order])
+                                   [rows[i] for i in order] if on_arrival else None)
                 if len(order) == len(ids):
                     return done  # all of them, in slot order
                 for i, y in zip(order, done.split(1)):

@@ -69,8 +69,9 @@ def _build() -> None:
         flags.append("-fopenmp")  # ATen's parallel_for is an OpenMP pragma in its header
     load("moe_edge_int4", [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
          is_python_module=False, verbose=False)
-    global _MM, _CAT
-    _MM, _CAT = torch.ops.moe_edge.int4_mm.default, torch.ops.moe_edge.int4_mm_cat.default
+    global _MM, _CAT, _MLPS
+    ops = torch.ops.moe_edge
+    _MM, _CAT, _MLPS = ops.int4_mm.default, ops.int4_mm_cat.default, ops.mlps.default
 
 
 def usable(layer) -> bool:
@@ -100,4 +101,32 @@ def int4_mm_cat(layers: list, xs: list[torch.Tensor]) -> torch.Tensor:
                 layers[0].group)
 
 
-_MM = _CAT = None  # the ops, once built (see _build)
+def mlps_usable(mlp) -> bool:
+    """Whether a QuantMLP can run whole in `mlps`: fused gate+up, both matmuls on this
+    kernel, no biases. Cached on the MLP."""
+    ok = mlp.__dict__.get("_native")
+    if ok is None:
+        m = mlp._modules
+        ok = "gate_up" in m and all(usable(m[n]) and m[n].bias is None for n in ("gate_up", "down_proj"))
+        mlp.__dict__["_native"] = ok
+    return ok
+
+
+def mlps(mlps: list, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat([m.run(x2, dtype) for m in mlps]) in one call, bit for bit (the same ATen
+    ops and kernel calls, without the Python between them): x2 [M, D] bf16; MLPs that all
+    pass mlps_usable, with one width and one group size for each projection."""
+    args = [m.__dict__.get("_native_args") or _args(m) for m in mlps]
+    return _MLPS(x2, *([a[i] for a in args] for i in range(3)), mlps[0]._modules["gate_up"].group,
+                 *([a[i] for a in args] for i in range(3, 6)), mlps[0]._modules["down_proj"].group, dtype)
+
+
+def _args(mlp) -> tuple:
+    """(packed, scale_zeros, perm) of gate_up, then of down_proj: what `mlps` passes, cached."""
+    m = mlp._modules
+    args = tuple(m[n]._buffers[b] for n in ("gate_up", "down_proj") for b in ("packed", "scale_zeros", "perm"))
+    mlp.__dict__["_native_args"] = args
+    return args
+
+
+_MM = _CAT = _MLPS = None  # the ops, once built (see _build)

@@ -206,6 +206,8 @@ class QuantMLP(MLP):
         its experts through this (see model.moe.ExpertInput)."""
         m = self._modules
         down = m["down_proj"]
+        if x2.shape[0] < int4_cpu.MIN_ROWS and x2.dtype == torch.bfloat16 and native.mlps_usable(self):
+            return native.mlps([self], x2, dtype)  # the same ops in one call
         if "gate_up" in m:
             h = _glu(int4_matmul(m["gate_up"], x2), down.in_features, dtype)
         else:
@@ -228,14 +230,16 @@ def _together(I: int, A: int) -> bool:
     return A >= 2 and I % FUSE_BLOCK == 0 and A * I <= GRAIN_SIZE
 
 
-def gate_up_row(mlp: nn.Module, x2: torch.Tensor, together: int) -> torch.Tensor | None:
-    """An expert's fused gate+up output [1, 2I] for `x2` [1, D] in its kernel dtype (the
-    first half of run_experts, for experts handed over one at a time), or None when it
-    cannot run together with `together` experts (no fused gate_up, or see run_experts)."""
-    fused = mlp._modules.get("gate_up")
-    if fused is None or not _together(mlp._modules["down_proj"].in_features, together):
-        return None
-    return int4_matmul(fused, x2)
+def runs_together(mlp: nn.Module, together: int) -> bool:
+    """Whether expert `mlp` can go through run_experts with `together` experts: a fused
+    gate_up and a width the shared ops keep bitwise (see there)."""
+    return "gate_up" in mlp._modules and _together(mlp._modules["down_proj"].in_features, together)
+
+
+def gate_up_row(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
+    """An expert's fused gate+up output [1, 2I] for `x2` [1, D] in its kernel dtype: the
+    first half of run_experts, for experts handed over one at a time (see runs_together)."""
+    return int4_matmul(mlp._modules["gate_up"], x2)
 
 
 def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype,
@@ -257,9 +261,15 @@ def run_experts(mlps: list[QuantMLP], x2: torch.Tensor, dtype: torch.dtype,
     I = downs[0].in_features
     if None in fused or any(d.in_features != I for d in downs) or not _together(I, len(mlps)):
         return torch.cat([m.run(x2, dtype) for m in mlps])
+    if rows is None and x2.dtype == torch.bfloat16 and _same_groups(mlps) and all(map(native.mlps_usable, mlps)):
+        return native.mlps(mlps, x2, dtype)  # what follows, in one call
     gu = torch.cat(rows) if rows is not None else _int4_cat(fused, [x2] * len(fused))  # [A, 2I]
     h = _glu(gu, I, dtype).to(x2.dtype)  # [A, I]
     return _int4_cat(downs, h.split(1))
+
+
+def _same_groups(mlps: list[QuantMLP]) -> bool:
+    return all(len({m._modules[n].group for m in mlps}) == 1 for n in ("gate_up", "down_proj"))
 
 
 def _int4_cat(layers: list[QuantLinear], xs: list[torch.Tensor]) -> torch.Tensor:
