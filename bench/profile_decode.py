@@ -25,6 +25,7 @@ from moe_edge.generation import SamplingParams, generate_ids
 GROUPS = {  # aten op -> what it is in this model
     "aten::_weight_int4pack_mm_for_cpu": "int4 matmuls", "aten::_weight_int4pack_mm": "int4 matmuls",
     "moe_edge::int4_mm": "int4 matmuls", "moe_edge::int4_mm_cat": "int4 matmuls",
+    "moe_edge::mlps": "int4 matmuls",  # its own time is its two int4_mm_cat calls; silu etc. are nested ops
     "aten::mm": "dense matmuls (lm_head, routers)", "aten::addmm": "dense matmuls (lm_head, routers)",
     "aten::linear": "dense matmuls (lm_head, routers)",
     "aten::_weight_int8pack_mm": "dense matmuls (lm_head, routers)",

@@ -2,6 +2,8 @@
 bf16 rounding, every row computed alone, experts batched bit for bit, the demo's logits as
 close to the exact model as with PyTorch's kernel."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from moe_edge.api import load, load_model
 from moe_edge.evaluate import heldout_ids
 from moe_edge.hub import DEMO
 from moe_edge.quant import native
-from moe_edge.quant.qlinear import QuantLinear, int4_matmul, run_experts, use_quant_mlps
+from moe_edge.quant.qlinear import QuantLinear, QuantMLP, int4_matmul, run_experts, use_quant_mlps
 from moe_edge.model.layers import MLP
 from moe_edge.testing import gptq_layer
 
@@ -18,9 +20,10 @@ pytestmark = pytest.mark.skipif(not native.CPU_FLAGS <= native.cpu_flags(),
                                 reason="CPU without AVX512-BF16/VBMI: PyTorch's kernel runs instead")
 
 
-def layer(N, K, group=128, act_order=False, seed=0):
+def layer(N, K, group=128, act_order=False, seed=0, weights=None):
+    """A QuantLinear; `seed` picks the act-order permutation, `weights` (default: seed) the values."""
     assert native.available()
-    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed if weights is None else weights)) * 0.05
     return QuantLinear.from_gptq(gptq_layer(w, group, act_order=act_order, seed=seed), False, torch.device("cpu"))
 
 
@@ -42,7 +45,7 @@ def test_int4_mm_is_the_exact_product_rounded_once(N, K, group):
     """fp32 accumulation of exact products: the output is the exact result rounded to bf16,
     but where the exact value lies within accumulation error of a rounding tie."""
     q = layer(N, K, group)
-    x = torch.randn(5, K).bfloat16()
+    x = torch.cat([torch.randn(3, K), torch.rand(2, K)]).bfloat16()  # rows with a mean too (silu's)
     y, ref = native.int4_mm(q, x), exact(q, x)
     assert y.dtype == torch.bfloat16 and y.shape == (5, N)
     agree = (y == ref.to(torch.bfloat16)).float().mean().item()
@@ -99,7 +102,7 @@ def test_quant_linear_and_experts_take_the_kernel(act_order):
     for s in range(4):
         mlp = MLP(256, 128)
         mlp.gate_proj, mlp.up_proj, mlp.down_proj = (layer(128, 256, 32, act_order, 3 * s),
-                                                     layer(128, 256, 32, act_order, 3 * s),
+                                                     layer(128, 256, 32, act_order, 3 * s, 3 * s + 2),
                                                      layer(256, 128, 32, act_order, 3 * s + 1))
         use_quant_mlps(mlp)
         mlps.append(mlp)
@@ -133,11 +136,11 @@ def test_switched_off_and_failed_builds_fall_back():
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
-def test_demo_logits_match_pytorchs_kernel():
-    """The trained demo, teacher-forced over 64 held-out tokens: the two kernels' logits differ
-    by far less than either differs from the exact fp32 model, and pick the same token
-    wherever the top two are not within that difference (greedy text can still part at a
-    near-tie: margins here go down to 0.01)."""
+def test_demo_logits_as_close_to_exact_as_with_pytorchs_kernel():
+    """The trained demo, teacher-forced over 64 held-out tokens, against the exact fp32 model:
+    as close with this kernel as with PyTorch's (largest and mean logit error; same argmax
+    at all but a near-tie or two: margins here go down to 0.01, and a bit flipped anywhere
+    can flip a later top-k route, so two correct kernels part by ~0.3 on logits of ~18)."""
     ids = heldout_ids(load(DEMO, device="cpu").tokenizer, max_tokens=64)[None]
     logits = {}
     for run in ("own", "pytorch", "exact"):
@@ -145,16 +148,16 @@ def test_demo_logits_match_pytorchs_kernel():
         for m in model.modules():
             if isinstance(m, QuantLinear) and run != "exact":
                 m.__dict__["_native"] = run == "own" and native.usable(m)
+            if isinstance(m, QuantMLP):
+                m.__dict__["_native"] = run == "own" and native.mlps_usable(m)
         with torch.no_grad():
             logits[run] = model(ids).float()
-    own, theirs, exact = logits["own"], logits["pytorch"], logits["exact"]
-    between = (own - theirs).abs().max()
-    assert between < 0.01 * exact.abs().max()
-    assert (own - exact).abs().max() < 1.1 * (theirs - exact).abs().max()
-    top2 = theirs.topk(2, -1).values
-    clear = top2[..., 0] - top2[..., 1] > 2 * between
-    assert clear.float().mean() > 0.8
-    assert torch.equal(own.argmax(-1)[clear], theirs.argmax(-1)[clear])
+    exact = logits["exact"]
+    own, theirs = ((logits[r] - exact).abs() for r in ("own", "pytorch"))
+    assert own.max() < 1.1 * theirs.max() and own.mean() < 1.1 * theirs.mean()
+    assert own.mean() < 0.02 * exact.abs().mean()  # ~0.9% for both kernels
+    agree = {r: (logits[r].argmax(-1) == exact.argmax(-1)).sum().item() for r in ("own", "pytorch")}
+    assert agree["own"] >= min(agree["pytorch"], 64) - 2, agree
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -166,9 +169,10 @@ def test_whole_mlps_in_one_call_are_bitwise_the_python_ops(act_order, dtype):
     def mlp(s):
         m = MLP(256, 128)
         m.gate_proj, m.up_proj, m.down_proj = (layer(128, 256, 32, act_order, 3 * s),
-                                               layer(128, 256, 32, act_order, 3 * s),
+                                               layer(128, 256, 32, act_order, 3 * s, 3 * s + 2),
                                                layer(256, 128, 32, act_order, 3 * s + 1))
         use_quant_mlps(m)
+        assert not torch.equal(m.gate_up.packed[:128], m.gate_up.packed[128:])  # gate and up differ
         assert native.mlps_usable(m)
         return m
     mlps = [mlp(s) for s in range(4)]
@@ -179,3 +183,17 @@ def test_whole_mlps_in_one_call_are_bitwise_the_python_ops(act_order, dtype):
     slow = [m.run(x[:r], dtype) for m in mlps for r in (1, 3)] + [run_experts(mlps, x[:1], dtype)]
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+
+
+def test_a_build_killed_midway_does_not_hang_the_next():
+    """PyTorch's build lock file outlives a killed build, and its next build waits on it
+    forever; ours is an OS lock that dies with its process, under which any such file is stale."""
+    import subprocess
+    import sys
+    assert native.available()
+    folder = next((Path.home() / ".cache" / "moe-edge" / "kernels").glob(f"torch-{torch.__version__}-*"))
+    (folder / "lock").touch()
+    run = subprocess.run([sys.executable, "-c", "from moe_edge.quant import native; print(native.available())"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "True", run.stderr
+    assert not (folder / "lock").exists()

@@ -5,12 +5,14 @@
 // [N/64, K, 32]; byte i of input row k in a block holds column i in its low nibble and column
 // i + 32 in its high nibble. scale_zeros is bf16 [K/g, N, 2]: W = (q - 8) s + zero.
 //
-// Two input rows k, k+1 of a block are 64 contiguous bytes. VPERMB turns them into bf16
-// pairs (W[n, k], W[n, k+1]) for 16 columns at a time, keeping each high byte from a register
-// of 0x43 (merge-masked VPERMB): bf16 0x43XX is 128 + q exactly. VDPBF16PS multiplies those pairs by the broadcast
-// pair (x_k, x_{k+1}), exactly, accumulating in fp32. Per group and column:
-//   D = sum_k x_k (128 + q_k),   y += s D + (zero - 136 s) sum_k x_k
-// which is sum_k x_k ((q_k - 8) s + zero), the kernel's dequantised weight.
+// Two input rows k, k+1 of a block are 64 contiguous bytes. A zero-masked VPERMB spreads them
+// into 16-bit pairs (q[n, k], q[n, k+1]) for 16 columns at a time, and VPERMW looks up bf16
+// q - 8 (exact) for each. VDPBF16PS multiplies those pairs by the broadcast pair
+// (x_k, x_{k+1}), exactly, accumulating in fp32. Per group and column:
+//   y += s D + zero sum_k x_k,   D = sum_k x_k (q_k - 8)
+// which is sum_k x_k ((q_k - 8) s + zero), the kernel's dequantised weight. (Taking 128 + q
+// straight from the byte permute, with 0x43 as every high byte, saves the lookup but loses
+// ~7 bits to cancellation when x has a mean: 98.5% of outputs rounded as exact, not 100%.)
 //
 // Every row is computed the same way whatever else is in the call (other rows, other
 // weights, thread count): same chains, same order. So one expert's output is bit for bit the
@@ -22,16 +24,17 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
 
-constexpr int64_t BLOCK = 64;     // output columns per block of the packed layout
+constexpr int64_t BLOCK = 64;  // output columns per block of the packed layout
 // Bytes ahead in a thread's weight stream, into the L2: measured on 2816x2048 weights at a
 // 2-thread decode (bench/kernels.py), 13.8-16.6 GB/s against 8-12 with 8 KiB into the L1
 // and 9.4-11 with none; the hardware's own prefetchers stop at every 4 KiB page.
 constexpr int64_t PREFETCH = 65536;
-constexpr int64_t SERIAL_BYTES = 131072;  // weight bytes (times row pairs) below which one thread runs a call
+constexpr int64_t SERIAL_BYTES = 131072;  // weight bytes x row pairs below which a call runs on one thread
 
 struct Job {  // one weight of a call
   const uint8_t* w;       // [N/64, K, 32]
@@ -49,17 +52,22 @@ inline __m512 bf16_hi(__m512i v) { return _mm512_castsi512_ps(_mm512_and_si512(v
 template <int R>
 void block_rows(const Job& j, int64_t n0, int64_t m0, int64_t g, const uint8_t* next, int64_t next_bytes) {
   alignas(64) static const uint8_t idx_bytes[2][64] = {
-#define Q(i) uint8_t(i), 0, uint8_t(32 + (i)), 0
+#define Q(i) uint8_t(i), 0, uint8_t(32 + (i)), 0  // (odd bytes: zeroed by the mask)
       {Q(0), Q(1), Q(2), Q(3), Q(4), Q(5), Q(6), Q(7), Q(8), Q(9), Q(10), Q(11), Q(12), Q(13), Q(14), Q(15)},
       {Q(16), Q(17), Q(18), Q(19), Q(20), Q(21), Q(22), Q(23), Q(24), Q(25), Q(26), Q(27), Q(28), Q(29), Q(30), Q(31)},
 #undef Q
   };
   const __m512i idx0 = _mm512_load_si512(idx_bytes[0]), idx1 = _mm512_load_si512(idx_bytes[1]);
-  const __m512i high = _mm512_set1_epi8(0x43), nib = _mm512_set1_epi8(0x0F);
-  const __mmask64 even = 0x5555555555555555ull;  // low bytes of the bf16 lanes: from the weight
+  alignas(64) static const uint16_t lut_values[32] = {  // bf16 of q - 8 for q = 0..15 (twice)
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+  const __m512i lut = _mm512_load_si512(lut_values), nib = _mm512_set1_epi8(0x0F);
+  const __mmask64 even = 0x5555555555555555ull;  // low bytes of the 16-bit lanes: the nibbles
   const int64_t K = j.K, groups = K / g;
   const uint8_t* w = j.w + n0 * K / 2;  // this block's [K, 32]
   const uint8_t* end = w + K * 32;  // past it, prefetch from the start of the thread's next block
+  // at most a block ahead: a block's start is then fetched while the one before it runs
+  const int64_t ahead_bytes = std::min(PREFETCH, K * 32);
   __m512 y[R][4];
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < 4; ++s) y[r][s] = _mm512_setzero_ps();
@@ -73,17 +81,22 @@ void block_rows(const Job& j, int64_t n0, int64_t m0, int64_t g, const uint8_t* 
 #pragma GCC unroll 2
       for (int c = 0; c < 2; ++c) {
         const uint8_t* p = wg + (k + 2 * c) * 32;
-        const int64_t over = p + PREFETCH - end;  // past this block: into the next, if that far
-        const uint8_t* ahead = over < 0 ? p + PREFETCH : over < next_bytes ? next + over : nullptr;
+        const int64_t over = p + ahead_bytes - end;  // past this block: into the next, if that far
+        const uint8_t* ahead = over < 0 ? p + ahead_bytes : over < next_bytes ? next + over : nullptr;
         if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T2);
         const __m512i v = _mm512_loadu_si512(p);  // rows k+2c, k+2c+1
         const __m512i lo = _mm512_and_si512(v, nib);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        const __m512i w4[4] = {_mm512_mask_permutexvar_epi8(high, even, idx0, lo), _mm512_mask_permutexvar_epi8(high, even, idx1, lo),
-                               _mm512_mask_permutexvar_epi8(high, even, idx0, hi), _mm512_mask_permutexvar_epi8(high, even, idx1, hi)};
+        const __m512i w4[4] = {  // bf16 (q - 8) of 16 columns x 2 inputs each
+            _mm512_permutexvar_epi16(_mm512_maskz_permutexvar_epi8(even, idx0, lo), lut),
+            _mm512_permutexvar_epi16(_mm512_maskz_permutexvar_epi8(even, idx1, lo), lut),
+            _mm512_permutexvar_epi16(_mm512_maskz_permutexvar_epi8(even, idx0, hi), lut),
+            _mm512_permutexvar_epi16(_mm512_maskz_permutexvar_epi8(even, idx1, hi), lut)};
 #pragma GCC unroll 2
         for (int r = 0; r < R; ++r) {
-          const __m512i xp = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xg + r * K + k + 2 * c));
+          int32_t pair;  // (x_k, x_k+1) as one 32-bit word
+          std::memcpy(&pair, xg + r * K + k + 2 * c, sizeof pair);
+          const __m512i xp = _mm512_set1_epi32(pair);
 #pragma GCC unroll 4
           for (int s = 0; s < 4; ++s) acc[r][s][c] = _mm512_dpbf16_ps(acc[r][s][c], (__m512bh)w4[s], (__m512bh)xp);
         }
@@ -94,7 +107,7 @@ void block_rows(const Job& j, int64_t n0, int64_t m0, int64_t g, const uint8_t* 
     for (int s = 0; s < 4; ++s) {
       const __m512i v = _mm512_loadu_si512(sz + 16 * s);
       const __m512 sc = bf16_lo(v);
-      const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), sc, bf16_hi(v));  // zero - 136 s
+      const __m512 c = bf16_hi(v);  // zero
       for (int r = 0; r < R; ++r) {
         const __m512 d = _mm512_add_ps(acc[r][s][0], acc[r][s][1]);
         y[r][s] = _mm512_fmadd_ps(sc, d, _mm512_fmadd_ps(c, _mm512_set1_ps(j.xsum[(m0 + r) * groups + gi]), y[r][s]));
@@ -174,7 +187,7 @@ at::Tensor int4_mm_cat(at::TensorList xs, at::TensorList ws, at::TensorList szs,
   const int64_t parts = total * 32 < SERIAL_BYTES ? 1 : std::min<int64_t>(at::get_num_threads(), tasks);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      // tasks whose cost midpoint falls in this part's share
+      // the tasks that start within this part's share of the cost
       int64_t t = std::lower_bound(cost.begin(), cost.end(), total * p / parts) - cost.begin();
       const int64_t t_end = p + 1 == parts ? tasks : std::lower_bound(cost.begin(), cost.end(), total * (p + 1) / parts) - cost.begin();
       auto block = [&](int64_t t) {  // job and first column of task t

@@ -5,14 +5,15 @@ at ~10 GB/s on these 2-core machines, which read ~21 GB/s: it issues no prefetch
 the hardware's stop at every 4 KiB page. This kernel takes the same packed bytes and
 scales (no second copy, no new format), turns two input rows into bf16 pairs with one byte
 permute and multiplies them with AVX512-BF16 dot products while prefetching 64 KiB ahead:
-13-16 GB/s on the same weights, side by side (bench/kernels.py), and one call runs a
-layer's experts together (`int4_mm_cat`), one parallel region instead of one per matrix.
+11-16 GB/s against 9.6-9.9 on the same streamed weights, side by side (bench/kernels.py).
+One call runs a layer's experts (`int4_mm_cat`: one parallel region instead of one per
+matrix), or whole MLPs, gate+up to down (`mlps`: the ATen ops between them from C++).
 
 Results differ from PyTorch's kernel in the last bits (other summation order; both are
 ~2e-3 from exact, the bf16 rounding of their output). Every row is computed the same way
 whatever else is in the call, so batching experts stays bit for bit.
 
-Built with the C++ compiler on first use (~15 s, cached under ~/.cache/moe-edge/kernels);
+Built with the C++ compiler on first use (~13 s, cached under ~/.cache/moe-edge/kernels);
 without a compiler, on other CPUs, or with MOE_EDGE_NATIVE=0, PyTorch's kernel runs instead.
 """
 # N=out features, K=in features, M=rows
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -40,10 +42,13 @@ def available() -> bool:
     if os.environ.get(ENV, "1") == "0" or not CPU_FLAGS <= cpu_flags() or int4_cpu.layout_block() != 64:
         return False
     try:
-        _build()
-    except Exception as e:  # no compiler, no ninja, headers missing: PyTorch's kernel instead
-        warnings.warn(f"moe-edge's CPU int4 kernel did not build ({str(e).strip().splitlines()[-1]}); "
-                      f"using PyTorch's (slower at decode). Set {ENV}=0 to skip the build.", stacklevel=2)
+        with _BUILDING:
+            _build()
+    except Exception as e:  # no compiler, headers missing, cache not writable: PyTorch's kernel
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        why = next((l.strip() for l in lines if "error" in l.lower() and "Error building" not in l), lines[-1])
+        warnings.warn(f"moe-edge's CPU int4 kernel did not build ({why}); using PyTorch's "
+                      f"(slower at decode). Set {ENV}=0 to skip the build.", stacklevel=2)
         return False
     return True
 
@@ -60,6 +65,7 @@ def cpu_flags() -> set[str]:
 
 
 def _build() -> None:
+    import fcntl
     from torch.utils.cpp_extension import load
     version = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
     folder = Path.home() / ".cache" / "moe-edge" / "kernels" / version
@@ -67,8 +73,21 @@ def _build() -> None:
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512bf16"]
     if torch.backends.openmp.is_available():
         flags.append("-fopenmp")  # ATen's parallel_for is an OpenMP pragma in its header
-    load("moe_edge_int4", [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
-         is_python_module=False, verbose=False)
+    # ninja comes with moe-edge, next to this Python, which need not be on PATH (a venv's
+    # bin/moe-edge run without activating it); PyTorch looks for it on PATH only
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        with open(folder / "moe-edge.lock", "w") as held:
+            # one build at a time across processes; the OS drops this lock when its process
+            # dies, unlike PyTorch's own lock file, which a killed build leaves behind and
+            # every later build then waits on forever: while we hold ours, any is stale
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (folder / "lock").unlink(missing_ok=True)
+            load("moe_edge_int4", [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
+                 is_python_module=False, verbose=False)
+    finally:
+        os.environ["PATH"] = path
     global _MM, _CAT, _MLPS
     ops = torch.ops.moe_edge
     _MM, _CAT, _MLPS = ops.int4_mm.default, ops.int4_mm_cat.default, ops.mlps.default
@@ -89,7 +108,7 @@ def usable(layer) -> bool:
 
 
 def int4_mm(layer, x2: torch.Tensor) -> torch.Tensor:
-    """(Where `usable(layer)`.) x2 [M, K] (bf16, contiguous, in the layer's act-order) times the layer's weight: [M, N] bf16."""
+    """x2 [M, K] (bf16, in the layer's act-order) times the weight of a `usable` layer: [M, N] bf16."""
     b = layer._buffers
     return _MM(x2.contiguous(), b["packed"], b["scale_zeros"], layer.group)
 
@@ -116,17 +135,21 @@ def mlps(mlps: list, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """torch.cat([m.run(x2, dtype) for m in mlps]) in one call, bit for bit (the same ATen
     ops and kernel calls, without the Python between them): x2 [M, D] bf16; MLPs that all
     pass mlps_usable, with one width and one group size for each projection."""
-    args = [m.__dict__.get("_native_args") or _args(m) for m in mlps]
+    args = [_args(m) for m in mlps]
     return _MLPS(x2, *([a[i] for a in args] for i in range(3)), mlps[0]._modules["gate_up"].group,
                  *([a[i] for a in args] for i in range(3, 6)), mlps[0]._modules["down_proj"].group, dtype)
 
 
 def _args(mlp) -> tuple:
-    """(packed, scale_zeros, perm) of gate_up, then of down_proj: what `mlps` passes, cached."""
+    """(packed, scale_zeros, perm) of gate_up, then of down_proj: what `mlps` passes. Cached
+    on the MLP while its gate_up still holds the same packed tensor (buffers replaced: anew)."""
+    args = mlp.__dict__.get("_native_args")
     m = mlp._modules
-    args = tuple(m[n]._buffers[b] for n in ("gate_up", "down_proj") for b in ("packed", "scale_zeros", "perm"))
-    mlp.__dict__["_native_args"] = args
+    if args is None or args[0] is not m["gate_up"]._buffers["packed"]:
+        args = tuple(m[n]._buffers[b] for n in ("gate_up", "down_proj") for b in ("packed", "scale_zeros", "perm"))
+        mlp.__dict__["_native_args"] = args
     return args
 
 
 _MM = _CAT = _MLPS = None  # the ops, once built (see _build)
+_BUILDING = threading.Lock()  # lru_cache does not hold a second thread back on a first call
