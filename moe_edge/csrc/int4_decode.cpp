@@ -30,9 +30,10 @@
 namespace {
 
 constexpr int64_t BLOCK = 64;  // output columns per block of the packed layout
-// Bytes ahead in a thread's weight stream, into the L2: measured on 2816x2048 weights at a
-// 2-thread decode (bench/kernels.py), 13.8-16.6 GB/s against 8-12 with 8 KiB into the L1
-// and 9.4-11 with none; the hardware's own prefetchers stop at every 4 KiB page.
+// Bytes ahead in a thread's weight stream, into the L2 (at most a block): on 2816x2048
+// weights streamed at a 2-thread decode (ad-hoc timings like bench/kernels.py's streaming
+// rows), 13.8-16.6 GB/s against 8-12 with 8 KiB into the L1 and 9.4-11 with none; the
+// hardware's own prefetchers stop at every 4 KiB page.
 constexpr int64_t PREFETCH = 65536;
 constexpr int64_t SERIAL_BYTES = 131072;  // weight bytes x row pairs below which a call runs on one thread
 
