@@ -5,15 +5,19 @@
 // [N/64, K, 32]; byte i of input row k in a block holds column i in its low nibble and column
 // i + 32 in its high nibble. scale_zeros is bf16 [K/g, N, 2]: W = (q - 8) s + zero.
 //
-// Two input rows k, k+1 of a block are 64 contiguous bytes. A zero-masked VPERMB spreads them
-// into 16-bit pairs (q[n, k], q[n, k+1]) for 16 columns at a time, and VPERMW looks up bf16
-// q - 8 (exact) for each. VDPBF16PS multiplies those pairs by the broadcast pair
-// (x_k, x_{k+1}), exactly, accumulating in fp32. Per group and column:
-//   y += s D + zero sum_k x_k,   D = sum_k x_k (q_k - 8)
-// which is sum_k x_k ((q_k - 8) s + zero), the kernel's dequantised weight. (Taking 128 + q
-// straight from the byte permute, with 0x43 as every high byte, saves the lookup but loses
-// ~7 bits to cancellation when x has a mean: 98.5% of outputs rounded as exact, not 100%.)
-//
+// Two input rows k, k+1 of a block are 64 contiguous bytes. A merge-masked VPERMB spreads
+// them into bf16 pairs (W[n, k], W[n, k+1]) for 16 columns at a time, each high byte kept
+// from a register of 0x43: bf16 0x43XX is 128 + q exactly. VDPBF16PS multiplies those pairs
+// by the broadcast pair (x_k, x_{k+1}), exactly, accumulating in fp32. Per group and column:
+//   D = sum_k x_k (128 + q_k),   y += s D + (zero - 136 s) sum_k x_k
+// which is sum_k x_k ((q_k - 8) s + zero), the kernel's dequantised weight. The offset costs
+// bits where x has a mean (sum_k x_k large): the output is then within one bf16 step of the
+// exact result, and rounded as it is for 97.8-99.2% of outputs (99.7-99.9% for zero-mean x,
+// against 99.99-100% for PyTorch's kernel, which pays in speed on streamed weights). An exact
+// lookup of bf16 q - 8 (a VPERMW per 16 columns) rounded 100% but decoded the 16B shape
+// 15-20% slower (6.1-6.2 against 7.0-7.5 tokens/s, alternated); 1 + q/16 (offset 1.5 instead
+// of 136, two more shifts a line) rounded 99.5% and decoded at 5.1-6.0 against 6.5.
+
 // Every row is computed the same way whatever else is in the call (other rows, other
 // weights, thread count): same chains, same order. So one expert's output is bit for bit the
 // same alone or batched, which the tests rely on.
@@ -59,11 +63,8 @@ void block_rows(const Job& j, int64_t n0, int64_t m0, int64_t g, const uint8_t* 
 #undef Q
   };
   const __m512i idx0 = _mm512_load_si512(idx_bytes[0]), idx1 = _mm512_load_si512(idx_bytes[1]);
-  alignas(64) static const uint16_t lut_values[32] = {  // bf16 of q - 8 for q = 0..15 (twice)
-      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
-  const __m512i lut = _mm512_load_si512(lut_values), nib = _mm512_set1_epi8(0x0F);
-  const __mmask64 even = 0x5555555555555555ull;  // low bytes of the 16-bit lanes: the nibbles
+  const __m512i high = _mm512_set1_epi8(0x43), nib = _mm512_set1_epi8(0x0F);
+  const __mmask64 even = 0x5555555555555555ull;  // low bytes of the bf16 lanes: from the weight
   const int64_t K = j.K, groups = K / g;
   const uint8_t* w = j.w + n0 * K / 2;  // this block's [K, 32]
   const uint8_t* end = w + K * 32;  // past it, prefetch from the start of the thread's next block
@@ -88,11 +89,9 @@ void block_rows(const Job& j, int64_t n0, int64_t m0, int64_t g, const uint8_t* 
         const __m512i v = _mm512_loadu_si512(p);  // rows k+2c, k+2c+1
         const __m512i lo = _mm512_and_si512(v, nib);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        const __m512i w4[4] = {  // bf16 (q - 8) of 16 columns x 2 inputs each
-            _mm512_permutexvar_epi16(_mm512_maskz_permutexvar_epi8(even, idx0, lo), lut),
-            _mm512_permutexvar_epi16(_mm512_maskz_permutexvar_epi8(even, idx1, lo), lut),
-            _mm512_permutexvar_epi16(_mm512_maskz_permutexvar_epi8(even, idx0, hi), lut),
-            _mm512_permutexvar_epi16(_mm512_maskz_permutexvar_epi8(even, idx1, hi), lut)};
+        const __m512i w4[4] = {  // bf16 128 + q of 16 columns x 2 inputs each
+            _mm512_mask_permutexvar_epi8(high, even, idx0, lo), _mm512_mask_permutexvar_epi8(high, even, idx1, lo),
+            _mm512_mask_permutexvar_epi8(high, even, idx0, hi), _mm512_mask_permutexvar_epi8(high, even, idx1, hi)};
 #pragma GCC unroll 2
         for (int r = 0; r < R; ++r) {
           int32_t pair;  // (x_k, x_k+1) as one 32-bit word
@@ -108,7 +107,7 @@ void block_rows(const Job& j, int64_t n0, int64_t m0, int64_t g, const uint8_t* 
     for (int s = 0; s < 4; ++s) {
       const __m512i v = _mm512_loadu_si512(sz + 16 * s);
       const __m512 sc = bf16_lo(v);
-      const __m512 c = bf16_hi(v);  // zero
+      const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), sc, bf16_hi(v));  // zero - 136 s
       for (int r = 0; r < R; ++r) {
         const __m512 d = _mm512_add_ps(acc[r][s][0], acc[r][s][1]);
         y[r][s] = _mm512_fmadd_ps(sc, d, _mm512_fmadd_ps(c, _mm512_set1_ps(j.xsum[(m0 + r) * groups + gi]), y[r][s]));
