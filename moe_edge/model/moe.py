@@ -20,9 +20,10 @@ class ExpertProvider(Protocol):
 
     `experts_for(ids)` yields `(expert id, callable)` for every id, in whatever order they
     become available: a resident provider yields them at once (and says so with a true
-    `immediate`), an offloading one yields cached experts first and the rest as their loads land. With `hold` (decode: no more ids
-    than slots) every yielded expert stays valid until the iterator is closed, so the block
-    can finish them together; without it, only until the next one is asked for.
+    `immediate`), an offloading one yields cached experts first and the rest as their loads
+    land. With `hold` (decode: no more ids than slots) every yielded expert stays valid until
+    the iterator is closed, so the block can finish them together; without it, only until
+    the next one is asked for.
     """
 
     def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, Expert]]: ...
