@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import cpu
 from .checkpoint import CheckpointReader
 from .config import load_config
 from .errors import ConfigError
@@ -27,18 +28,12 @@ _QUANT_AUX = (".qzeros", ".scales", ".g_idx")
 _ROUTER = ".gate.weight"  # a router's weight: stays fp32 (norms and biases are 1-D)
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it PyTorch's
-    bf16 matmuls take a slow path, so weights are upcast to fp32 instead."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
 def keeps_bf16(device: torch.device, dtype: torch.dtype, bf16_weights: bool | None = None) -> bool:
     """Whether a load keeps the checkpoint's bf16 weights in bf16 (see model.layers.keep_bf16):
     on the CPU with fp32 activations, by default when the CPU has native bf16."""
     if device.type != "cpu" or dtype != torch.float32:
         return False
-    return native_bf16() if bf16_weights is None else bf16_weights
+    return cpu.native_bf16() if bf16_weights is None else bf16_weights
 
 
 @dataclass

@@ -64,6 +64,8 @@ def test_experts_sharing_one_input_cast_is_bitwise(ckpts, kind, offloaded, monke
     outputs in the kernel's dtype (and at decode runs them together, resident or offloaded); prefill
     and decode logits equal those of every expert casting its own input and output."""
     from moe_edge.model.moe import ExpertInput
+    from moe_edge.offload.cache import LayerExperts
+    from moe_edge.quant.experts import QuantResidentExperts
     lm = load_offloaded(ckpts[kind], device="cpu", expert_cache=3) if offloaded else load(ckpts[kind], device="cpu")
     ids = torch.tensor([lm.encode("One cast per layer, not one per expert.")])
 
@@ -76,10 +78,11 @@ def test_experts_sharing_one_input_cast_is_bitwise(ckpts, kind, offloaded, monke
         monkeypatch.setattr(ExpertInput, "__call__",  # every expert called on its own
                             lambda self, expert, rows=None: expert(self.x if rows is None else self.x[rows]))
 
-        def one_by_one(self, provider, ids):  # each expert whole, while the provider holds it
-            ys = {e: expert(self.x) for e, expert in provider.experts_for(sorted(ids))}
+        def one_by_one(self, inputs, ids):  # each expert whole, while the provider holds it
+            ys = {e: expert(inputs.x) for e, expert in self.experts_for(sorted(ids))}
             return torch.cat([ys[e] for e in ids])
-        monkeypatch.setattr(ExpertInput, "each_arriving", one_by_one)
+        for provider in (QuantResidentExperts, LayerExperts):
+            monkeypatch.setattr(provider, "apply", one_by_one)
         slow = logits()
         assert all(torch.equal(a, b) for a, b in zip(fast, slow))
     finally:

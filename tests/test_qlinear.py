@@ -340,12 +340,12 @@ def test_auto_lm_head_is_int8_on_the_cpu_for_large_untied_heads(gptq_ckpt, monke
     the CPU, unless it is tied to the embeddings; "stored" never does. Load and info agree."""
     from moe_edge.info import model_info
     from moe_edge.quant import int8
-    import moe_edge.info as info
+    import moe_edge.cpu as cpu_caps
     gptq_ckpt = gptq_ckpt[1]
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(info, "native_bf16", lambda: False)  # the kernel takes bf16 activations
+    monkeypatch.setattr(cpu_caps, "native_bf16", lambda: False)  # the kernel takes bf16 activations
     assert not int8.head_in_int8("auto", cpu, 2**30, tied=False)
-    monkeypatch.setattr(info, "native_bf16", lambda: True)
+    monkeypatch.setattr(cpu_caps, "native_bf16", lambda: True)
     assert int8.head_in_int8("auto", cpu, 2**24, tied=False)
     assert not int8.head_in_int8("auto", cpu, 2**24 - 1, tied=False)
     assert not int8.head_in_int8("auto", cpu, 2**30, tied=True)

@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     """SiLU-GLU: down(silu(gate(x)) * up(x)). Dense layers, shared experts and routed experts."""
 
-    kernel_dtype = None  # QuantMLP: the dtype `run` takes its input in (see model.moe.ExpertInput)
+    kernel_dtype = None  # QuantMLP: the dtype `run` takes its input in (see ExpertInput in model/moe.py)
 
     def __init__(self, dim: int, width: int):
         super().__init__()

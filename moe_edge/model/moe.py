@@ -16,23 +16,24 @@ Expert = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ExpertProvider(Protocol):
-    """Where one MoE layer's routed experts live.
+    """Where one MoE layer's routed experts live, and how they are run.
 
     `experts_for(ids)` yields `(expert id, callable)` for every id, in whatever order they
-    become available: a resident provider yields them at once (and says so with a true
-    `immediate`), an offloading one yields cached experts first and the rest as their loads
-    land. With `hold` (decode: no more ids than slots) every yielded expert stays valid until
-    the iterator is closed, so the block can finish them together; without it, only until
-    the next one is asked for.
+    become available (prefill: the block groups tokens by expert); an offloading provider
+    yields cached experts first and the rest as their loads land. With `hold` (no more ids
+    than slots) every yielded expert stays valid until the iterator is closed, without it
+    only until the next one is asked for. `apply(inputs, ids)` (decode: one token, k
+    experts) returns `[A, D]`, row a being expert `ids[a]` applied to the input; how the
+    experts are batched is the provider's business.
     """
 
     def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, Expert]]: ...
 
+    def apply(self, inputs: "ExpertInput", ids: list[int]) -> torch.Tensor: ...
+
 
 class ResidentExperts(nn.ModuleList):
     """Every routed expert of one layer held in memory; names stay `experts.{e}.*_proj`."""
-
-    immediate = True  # every expert is there at once: nothing to overlap by computing on arrival
 
     def __init__(self, config: ModelConfig):
         super().__init__(MLP(config.hidden_size, config.moe_intermediate_size)
@@ -41,6 +42,9 @@ class ResidentExperts(nn.ModuleList):
     def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, Expert]]:
         for e in ids:  # resident: valid for good, held or not
             yield e, self[e]
+
+    def apply(self, inputs: "ExpertInput", ids: list[int]) -> torch.Tensor:
+        return torch.cat([inputs(self[e]) for e in ids])  # [A, D]
 
 
 class Router(nn.Module):
@@ -86,44 +90,11 @@ class ExpertInput:
         dtype = getattr(expert, "kernel_dtype", None)
         if dtype is None:
             return expert(self.x if rows is None else self.x[rows])
-        x = self._in(dtype)
+        x = self.as_dtype(dtype)
         return expert.run(x if rows is None else x[rows], self.x.dtype)
 
-    def each_arriving(self, provider: ExpertProvider, ids: list[int]) -> torch.Tensor:
-        """[A, D], row a from expert ids[a] on this one-row input (decode), for experts as a
-        provider hands them over (resident: at once; offloaded: cached first, then as loads
-        land), held until the last has run. The int4 experts run together
-        (quant.qlinear.run_experts); an offloading provider's get their gate+up row computed
-        on arrival, overlapping the loads still in flight, a resident one's all in one call
-        at the end. Other experts run whole on arrival."""
-        from ..quant.qlinear import gate_up_row, run_experts, runs_together
-        on_arrival = not getattr(provider, "immediate", False)
-        slot = {e: i for i, e in enumerate(ids)}
-        ys, split, rows, first = [self.x] * len(ids), {}, {}, None
-        arriving = provider.experts_for(sorted(slot), hold=True)
-        try:
-            for _ in ids:  # not to exhaustion: a finished iterator lets its experts go
-                e, expert = next(arriving)
-                first = first or expert.kernel_dtype  # experts run together share a kernel dtype
-                if first and expert.kernel_dtype == first and runs_together(expert, len(ids)):
-                    split[slot[e]] = expert
-                    if on_arrival:
-                        rows[slot[e]] = gate_up_row(expert, self._in(first))
-                else:
-                    ys[slot[e]] = self(expert)  # [1, D]
-            if split:
-                order = sorted(split)
-                done = run_experts([split[i] for i in order], self._in(first), self.x.dtype,
-                                   [rows[i] for i in order] if on_arrival else None)
-                if len(order) == len(ids):
-                    return done  # all of them, in slot order
-                for i, y in zip(order, done.split(1)):
-                    ys[i] = y
-        finally:
-            arriving.close()
-        return torch.cat(ys)
-
-    def _in(self, dtype: torch.dtype) -> torch.Tensor:
+    def as_dtype(self, dtype: torch.dtype) -> torch.Tensor:
+        """The input in `dtype`, cast at most once per layer."""
         x = self.cast.get(dtype)
         if x is None:
             x = self.cast[dtype] = self.x.to(dtype)
@@ -168,7 +139,7 @@ class MoEBlock(nn.Module):
         N, A = ids.shape
         flat = inputs.x
         if N == 1:  # decode: k experts, one token
-            ys = inputs.each_arriving(self.experts, ids.tolist()[0]).to(flat.dtype)  # [A, D]
+            ys = self.experts.apply(inputs, ids.tolist()[0]).to(flat.dtype)  # [A, D]
             return (weights.view(A, 1) * ys).sum(0, keepdim=True)
         flat_ids = ids.reshape(-1)  # [N*A]
         order = torch.argsort(flat_ids, stable=True)

@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..model.layers import MLP
+from ..model.moe import ExpertInput
+from ..quant.experts import apply_together
 from .policy import POLICIES
 from .stats import LayerStats, OffloadStats
 from .store import ExpertLayout, expert_from_buffer
@@ -263,3 +265,8 @@ class LayerExperts:
 
     def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, MLP]]:
         return self.cache.experts_for(self.layer, ids, hold)
+
+    def apply(self, inputs: ExpertInput, ids: list[int]) -> torch.Tensor:
+        """[A, D] for one decode row: cached experts first, gate+up rows computed as the
+        others land (see quant.experts.apply_together)."""
+        return apply_together(self.experts_for(sorted(ids), hold=True), inputs, ids, on_arrival=True)

@@ -21,6 +21,8 @@ import functools
 
 import torch
 
+from .. import cpu
+
 # When it pays (2 threads, AMX; 80, 128 and 512 rows through 128x128 ... 2816x2048 weights):
 # the kernel costs ~11 ps per weight and row, dequantising ~0.9 ns per weight plus ~0.1 ms a
 # call, the bf16 GEMM ~1 ps per weight and row. So rows >= MIN_ROWS + CALL_ROWS / weights:
@@ -33,8 +35,7 @@ CHUNK = 2**22  # weights dequantised at a time: bounds the transient memory (~24
 @functools.lru_cache(maxsize=None)
 def enabled() -> bool:
     """A known packed layout and a CPU that multiplies bf16 natively (else bf16 GEMMs are slow)."""
-    from ..info import native_bf16
-    return layout_block() > 0 and native_bf16()
+    return layout_block() > 0 and cpu.native_bf16()
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import cpu
 from ..errors import ConfigError
 
 LM_HEADS = ("auto", "int8", "stored")  # what load(lm_head=...) accepts
@@ -40,8 +41,7 @@ def head_in_int8(lm_head: str, device: torch.device, weights: int, tied: bool) -
     of replacing it). Bad values raise ConfigError (check_lm_head)."""
     check_lm_head(lm_head, device)
     if lm_head == "auto":
-        from ..info import native_bf16
-        return device.type == "cpu" and weights >= AUTO_MIN_WEIGHTS and not tied and native_bf16()
+        return device.type == "cpu" and weights >= AUTO_MIN_WEIGHTS and not tied and cpu.native_bf16()
     return lm_head == "int8"
 
 
