@@ -18,6 +18,10 @@ from moe_edge.testing import byte_tokenizer, hf_model
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                                 reason="interop extra (gptqmodel) not installed")
 WORKER = Path(__file__).with_name("gptqmodel_worker.py")
+# Relative logit error of a bf16 engine against exact fp32 arithmetic on these 2-layer models:
+# ~0.005-0.02 from bf16 rounding (8 significant bits, a few roundings per layer), up to ~0.04
+# where a near-tied router picks another expert for a token (both engines alike, measured).
+BOUND = 0.06
 SHAPES = {
     "qwen2_moe": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                       shared_expert_intermediate_size=128, num_experts=8, num_hidden_layers=2,
@@ -69,16 +73,20 @@ def worker(*args) -> None:
 
 
 def compare(out: Path, reference_file: Path, what: str, desc_act: bool) -> None:
+    """Each engine against the checkpoint's exact dequantised fp32 model, within a bound of its
+    own: two bf16 implementations of one checkpoint part by CPU-dependent rounding (on one CPU
+    moe-edge and GPTQModel were 0.012 apart, on another 0.022), so comparing them with each
+    other measures the CPUs; comparing each with exact arithmetic measures the engines."""
     reference = load_file(str(reference_file))
     ours = load_model(out, device="cpu", dtype="float32")
     assert ours.quant_kernels.get("int4-cpu", 0) > 0 and ours.quant_config.desc_act == desc_act
+    exact = load_model(out, device="cpu", dtype="float32", kernel="dequant", bf16_weights=False,
+                       lm_head="stored")
     with torch.no_grad():
-        got = ours(reference["ids"])
-    ref = reference["logits"]
-    rel = ((got - ref).norm() / ref.norm()).item()
-    # GPTQModel runs the whole model in bf16; we run fp32 activations, bf16 inside the int4 kernel
-    print(f"{what}: relative logit error {rel:.4f}")
-    assert rel < 2e-2, rel
-    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"{what}: top-1 agreement {agree:.2f}")
-    assert agree >= 0.85, agree  # random tiny models have near-ties; bf16 noise flips a few
+        got, want = ours(reference["ids"]), exact(reference["ids"])
+    for engine, logits in (("moe-edge", got), ("GPTQModel", reference["logits"])):
+        rel = ((logits - want).norm() / want.norm()).item()
+        agree = (logits.argmax(-1) == want.argmax(-1)).float().mean().item()
+        print(f"{what}: {engine} against exact fp32: relative logit error {rel:.4f}, top-1 agreement {agree:.2f}")
+        assert rel < BOUND, (engine, rel)
+        assert agree >= 0.85, (engine, agree)  # random tiny models have near-ties; bf16 noise flips a few
