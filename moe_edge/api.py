@@ -26,6 +26,7 @@ from .model.weights import EXPERT, WeightMap, load_weights
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
 from .quant.int8 import check_lm_head, head_in_int8, int8_lm_head
+from .quant.experts import use_quant_experts
 from .quant.qlinear import fuse_qkv, use_quant_mlps
 from .tokenizer import format_chat, load_tokenizer
 
@@ -53,6 +54,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def exact_when_named(dtype, bf16_weights: bool | None, lm_head: str) -> tuple[bool | None, str]:
+    """(bf16_weights, lm_head) for a load: a dtype the caller names is the dtype of every
+    weight, as in transformers (no bf16 weights kept, no int8 head unless asked for by
+    name); with no dtype the fast mixed defaults stay."""
+    if dtype is None or dtype == "auto":
+        return bf16_weights, lm_head
+    return (False if bf16_weights is None else bf16_weights), ("stored" if lm_head == "auto" else lm_head)
+
+
 def load_model(path: str | Path, device: str | torch.device = "auto",
                dtype: str | torch.dtype | None = None, kernel: str = "auto",
                bf16_weights: bool | None = None, lm_head: str = "auto") -> MoEForCausalLM:
@@ -63,12 +73,14 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     `bf16_weights`: on the CPU with fp32 activations, embeddings and Linear weights that the
     checkpoint stores in bf16 stay bf16 (see `keep_bf16`): half the memory and bytes per
     token, each matmul's input rounded to bf16. Default: when the CPU has native bf16
-    (`info.native_bf16`); False upcasts them (exact fp32). `lm_head`: "int8" quantizes a
+    (`cpu.native_bf16`); False upcasts them (exact fp32). `lm_head`: "int8" quantizes a
     16- or 32-bit lm_head to int8 at load, on the CPU (see quant/int8.py): half the bytes per
     token of a bf16 one; "stored" keeps it as the checkpoint has it; "auto" is int8 on a CPU
     with native bf16 for heads of 16M+ weights not tied to the embeddings
-    (`quant.int8.head_in_int8`).
+    (`quant.int8.head_in_int8`). Naming a `dtype` makes it every weight's (bf16_weights
+    False and lm_head "stored" unless given; see exact_when_named).
     """
+    bf16_weights, lm_head = exact_when_named(dtype, bf16_weights, lm_head)
     config = load_config(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -96,6 +108,7 @@ def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
     model.quant_config = quant
     model.quant_kernels = kernel_summary(model)
     use_quant_mlps(model)
+    use_quant_experts(model)
     fuse_qkv(model)
     model.kept_bf16 = keep_bf16(model, dtype) if keep16 else []
     c = model.config
@@ -197,7 +210,8 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     "ram" or "disk". `prefetch_depth` 0 turns prediction off; `prefetch_width` experts are
     predicted per layer (default top-k; wider raises recall at the cost of bandwidth).
     `bf16_weights` as in `load_model`: a bf16 checkpoint's experts then stay bf16 in the
-    store and the slots, half the bytes per load; `lm_head` as in `load_model`.
+    store and the slots, half the bytes per load; `lm_head` and a named `dtype` as in
+    `load_model`.
 
     >>> lm = moe_edge.load_offloaded("deepseek-moe-16b-chat-gptq-w4g128", expert_cache="4GB")
     >>> lm.generate("Hello", max_new_tokens=32).text
@@ -208,6 +222,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     from .offload.plan import OffloadPlan, available_memory, kv_cache_bytes, slots_for
     from .offload.policy import POLICIES
     from .offload.prefetch import Prefetcher
+    bf16_weights, lm_head = exact_when_named(dtype, bf16_weights, lm_head)
     path = Path(path)
     config = load_config(path)
     device = resolve_device(device)
@@ -282,7 +297,7 @@ def load_auto(path: str | Path, device: str | torch.device = "auto", expert_cach
     from .info import model_info
     if expert_cache == "auto":
         device_ = resolve_device(device)
-        bf16_weights, lm_head = offload.get("bf16_weights"), offload.get("lm_head", "auto")
+        bf16_weights, lm_head = exact_when_named(dtype, offload.get("bf16_weights"), offload.get("lm_head", "auto"))
         info = model_info(path, device_, resolve_dtype(dtype, device_), "auto", context,
                           bf16_weights=bf16_weights, lm_head=lm_head)
         if info.plan is not None and info.plan.slots_per_layer == info.experts_per_layer:

@@ -110,3 +110,22 @@ def test_fast_norm_and_rotary_are_bitwise_the_reference_formulas():
     rotate_half = torch.cat((-q[..., 32:], q[..., :32]), -1)
     assert torch.equal(cos, emb.cos())
     assert torch.equal(apply_rotary(q, cos, signed_sin), q * emb.cos() + rotate_half * emb.sin())
+
+
+def test_a_named_dtype_is_every_weights_dtype(tmp_path, monkeypatch):
+    """load(path, dtype=float32) on a bf16 checkpoint holds every float weight in fp32 and
+    gives exact fp32 logits (what bf16_weights=False gives), on any CPU; without a dtype the
+    mixed default keeps the large bf16 weights bf16 where the CPU multiplies bf16 natively."""
+    import moe_edge.cpu as cpu_caps
+    import moe_edge.model.layers as layers
+    monkeypatch.setattr(cpu_caps, "native_bf16", lambda: True)  # the mixed default, anywhere
+    monkeypatch.setattr(layers, "BF16_MIN_LINEAR", 0)
+    path = write_checkpoint(tmp_path / "bf16", "deepseek", tokenizer=False, dtype=torch.bfloat16)
+    named = load_model(path, device="cpu", dtype=torch.float32)
+    floats = [t for t in list(named.parameters()) + list(named.buffers()) if t.is_floating_point()]
+    assert named.kept_bf16 == [] and all(t.dtype == torch.float32 for t in floats)
+    exact = load_model(path, device="cpu", bf16_weights=False, lm_head="stored")
+    assert "lm_head" in load_model(path, device="cpu").kept_bf16  # no dtype named: mixed
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(named(ids), exact(ids))
