@@ -2,8 +2,9 @@
 
     python bench/offload.py moe_edge/demo/deepseek-moe-tiny-gptq --slow-tier disk
 
-For each expert-cache size (100%, 50%, 25%, top-k slots) and prefetch setting (off; next
-layer, top-k wide; next layer, 2 x top-k wide) it
+For each expert-cache size (100%, 50%, 25%, top-k slots), prefetch setting (off; next
+layer, top-k wide; next layer, 2 x top-k wide; auto, the default: 1x while it measures
+faster) and number of loads in flight it
 decodes the same held-out text (a prompt, then one token per step following the text:
 routing is that of real text, not of a greedy loop; see evaluate.forced_decode) and
 reports tokens/s, its ratio to the resident model, hit rate, prefetch precision and
@@ -14,6 +15,7 @@ noise on a shared machine hits both alike.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -40,8 +42,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--caches", default="100%,50%,25%,topk", help="comma-separated cache sizes")
     ap.add_argument("--prefetch", default="0,1x,2x",
-                    help="comma-separated: 0 (off), 1x (next layer, top-k wide), 2x (2 x top-k wide)")
+                    help="comma-separated: 0 (off), 1x (next layer, top-k wide), 2x (2 x top-k wide), "
+                         "each every step; auto (1x while it measures faster: the default)")
     ap.add_argument("--offload-dir", default=None, help="where the disk expert store is cached")
+    ap.add_argument("--reads", default="4", help="comma-separated loads in flight (load_offloaded(reads=))")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,12 +54,14 @@ def main() -> None:
     prompt = text[:args.prompt_tokens]
     E, k = resident.config.num_experts, resident.config.top_k
     rows = []
-    settings = {"0": (0, None), "1x": (1, k), "2x": (1, 2 * k)}
+    settings = {"0": (0, None, "always"), "1x": (1, k, "always"), "2x": (1, 2 * k, "always"),
+                "auto": (1, k, "auto")}
     for cache in [k if c == "topk" else c for c in args.caches.split(",")]:
-        for depth, width in (settings[p] for p in args.prefetch.split(",")):
+        for (depth, width, mode), reads in itertools.product((settings[p] for p in args.prefetch.split(",")),
+                                                       map(int, args.reads.split(","))):
             lm = load_offloaded(args.model, device="cpu", expert_cache=cache, prefetch_depth=depth,
                                 prefetch_width=width, slow_tier=args.slow_tier,
-                                offload_dir=args.offload_dir)
+                                offload_dir=args.offload_dir, reads=reads, prefetch=mode)
             decode_tps(lm, text[:args.prompt_tokens + 8], args.prompt_tokens)  # warm-up
             lm.reset_offload_stats()
             base, off = [], []
@@ -64,7 +70,7 @@ def main() -> None:
                 off.append(decode_tps(lm, text, args.prompt_tokens))
             s = lm.offload_stats().total
             rows.append({"expert_cache": cache if isinstance(cache, str) else f"{cache} slots (top-k)",
-                         "slots_per_layer": lm.offload.plan.slots_per_layer, "prefetch_depth": depth,
+                         "slots_per_layer": lm.offload.plan.slots_per_layer, "prefetch_depth": depth, "prefetch": mode, "reads": reads,
                          "prefetch_width": lm.offload.prefetcher.width if lm.offload.prefetcher else 0,
                          "decode_tps": round(statistics.median(off), 1),
                          "resident_tps": round(statistics.median(base), 1),
@@ -73,7 +79,9 @@ def main() -> None:
                          "prefetch_precision": round(s.prefetch_precision, 3),
                          "prefetch_recall": round(s.prefetch_recall, 3),
                          "mib_paged": round(s.bytes_moved / 2**20, 1),
-                         "stall_s": round(s.stall_seconds, 3)})
+                         "stall_s": round(s.stall_seconds, 3),
+                         "governor": lm.offload.prefetcher.governor.summary()
+                         if lm.offload.prefetcher and lm.offload.prefetcher.governor else None})
             lm.offload.close()
     print(json.dumps({
         "model": args.model, "slow_tier": args.slow_tier, "experts": E, "top_k": k,

@@ -196,9 +196,9 @@ class OffloadRuntime:
 
 def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert_cache="auto",
                    prefetch_depth: int = 1, prefetch_width: int | None = None,
-                   policy: str = "lru", slow_tier: str = "auto",
+                   prefetch: str = "auto", policy: str = "lru", slow_tier: str = "auto",
                    dtype: str | torch.dtype | None = None, kernel: str = "auto", context: int = 4096,
-                   offload_dir: str | Path | None = None, threaded: bool = True,
+                   offload_dir: str | Path | None = None, threaded: bool = True, reads: int = 4,
                    bf16_weights: bool | None = None, lm_head: str = "auto") -> LoadedModel:
     """Load a checkpoint with its routed experts offloaded: the dense part resident on
     `device`, a fixed cache of expert slots there (LRU), the rest in host RAM or on disk,
@@ -208,10 +208,12 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     tokens and a margin), a size ("6GB", "512MB"), a percentage of the experts ("50%"), or
     slots per layer (int). `slow_tier`: "auto" (pinned RAM for a GPU, disk for the CPU),
     "ram" or "disk". `prefetch_depth` 0 turns prediction off; `prefetch_width` experts are
-    predicted per layer (default top-k; wider raises recall at the cost of bandwidth).
+    predicted per layer (default top-k; wider raises recall at the cost of bandwidth);
+    `prefetch` "auto" lets decode prefetch only while it measures faster than not
+    (offload.prefetch.PrefetchGovernor), "always" prefetches every step.
     `bf16_weights` as in `load_model`: a bf16 checkpoint's experts then stay bf16 in the
     store and the slots, half the bytes per load; `lm_head` and a named `dtype` as in
-    `load_model`.
+    `load_model`. `reads`: loads in flight at once (worker threads; demand loads go first).
 
     >>> lm = moe_edge.load_offloaded("deepseek-moe-16b-chat-gptq-w4g128", expert_cache="4GB")
     >>> lm.generate("Hello", max_new_tokens=32).text
@@ -221,12 +223,14 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     from .offload.cache import ExpertCache
     from .offload.plan import OffloadPlan, available_memory, kv_cache_bytes, slots_for
     from .offload.policy import POLICIES
-    from .offload.prefetch import Prefetcher
+    from .offload.prefetch import PrefetchGovernor, Prefetcher
     bf16_weights, lm_head = exact_when_named(dtype, bf16_weights, lm_head)
     path = Path(path)
     config = load_config(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if prefetch not in ("auto", "always"):
+        raise ConfigError(f"prefetch {prefetch!r} is not supported; use auto or always")
     if policy not in POLICIES:
         raise ConfigError(f"policy {policy!r} is not supported; use one of {', '.join(POLICIES)}")
     slow_tier = ("ram" if device.type == "cuda" else "disk") if slow_tier == "auto" else slow_tier
@@ -249,10 +253,13 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
                        slots, margin, available)
     trim_heap()
     cache = ExpertCache(store, layouts, index_of, slots, device, config.hidden_size,
-                        config.moe_intermediate_size, policy, threaded)
+                        config.moe_intermediate_size, policy, threaded, reads)
     for layer, block in model.moe_blocks().items():
         block.experts = cache.provider(layer)
-    prefetcher = Prefetcher(model, cache, prefetch_depth, prefetch_width) if prefetch_depth > 0 else None
+    governor = PrefetchGovernor() if prefetch == "auto" else None
+    prefetcher = None
+    if prefetch_depth > 0:
+        prefetcher = Prefetcher(model, cache, prefetch_depth, prefetch_width, governor=governor)
     return _with_tokenizer(path, model, OffloadRuntime(cache, plan, prefetcher))
 
 

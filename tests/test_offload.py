@@ -1,6 +1,7 @@
 """Offloaded experts: same output as resident, slot limits, LRU and prefetch accounting."""
 
 import threading
+import time
 
 import psutil
 import pytest
@@ -168,7 +169,7 @@ class CountingStore(RamStore):
         super().read_into(index, dst)
 
 
-def tiny_cache(slots, experts=6, gate=None, threaded=False):
+def tiny_cache(slots, experts=6, gate=None, threaded=False, reads=4):
     torch.manual_seed(0)
     layouts, bufs = {}, []
     for e in range(experts):
@@ -178,7 +179,8 @@ def tiny_cache(slots, experts=6, gate=None, threaded=False):
     store = CountingStore(bufs[0].numel(), experts, gate=gate)
     for e, buf in enumerate(bufs):
         store.write(e, buf)
-    return ExpertCache(store, layouts, lambda l, e: e, slots, torch.device("cpu"), 8, 4, threaded=threaded), store
+    return ExpertCache(store, layouts, lambda l, e: e, slots, torch.device("cpu"), 8, 4, threaded=threaded,
+                       reads=reads), store
 
 
 def run(cache, ids):
@@ -234,6 +236,38 @@ def test_in_flight_load_is_never_duplicated():
     assert run(cache, [2]) == [2]
     cache.close()
     assert store.loads == [2]
+
+
+def test_demand_loads_go_before_queued_prefetches_and_take_their_slots():
+    """One reader, blocked on a prefetch: a later demand load runs before the prefetches
+    queued behind it; a queued prefetch gives its slot to a demand load instead of being
+    waited for, and a demanded expert whose prefetch is still queued becomes a demand load."""
+    gate = threading.Event()
+    cache, store = tiny_cache(slots=3, gate=gate, threaded=True, reads=1)
+    first = cache.request(1, 0, prefetch=True).handle
+    while not first.running():  # 0 is read (blocked on the gate) ...
+        time.sleep(0.001)
+    for e in (1, 2):
+        cache.request(1, e, prefetch=True)  # ... while 1 and 2 queue behind it
+    got = cache.experts_for(1, [2, 3])  # 2: promoted; 3: takes 1's slot (cancelled, unread)
+    gate.set()
+    assert sorted(e for e, _ in got) == [2, 3]
+    cache.close()
+    assert store.loads == [0, 2, 3]
+    s = cache.stats().layers[1]
+    assert s.bytes_moved == 3 * store.stride and cache.resident(1) == [0, 2, 3]
+
+
+def test_several_reads_in_flight_give_the_same_experts():
+    """Four readers, loads landing in any order: every expert computes what the store holds."""
+    cache, store = tiny_cache(slots=3, experts=6, threaded=True, reads=4)
+    ref, _ = tiny_cache(slots=6, experts=6)
+    x = torch.randn(2, 8)
+    want = {e: m(x) for e, m in ref.experts_for(1, range(6))}
+    for ids in ([0, 1, 2], [3, 4, 5], [5, 0, 2], [1, 3, 4]):
+        for e, m in cache.experts_for(1, ids):
+            assert torch.equal(m(x), want[e])
+    cache.close()
 
 
 def test_pinned_experts_are_never_evicted():
@@ -351,3 +385,39 @@ def test_prediction_does_not_cascade(ckpts):
     # inputs of layers 1 and 2
     assert scheduled == [(1, False), (1, True), (2, False), (2, True)]
     lm.offload.close()
+
+
+@pytest.mark.parametrize("on_ms, off_ms, chosen", [(2.0, 1.0, False), (1.0, 3.0, True)])
+def test_prefetch_governor_keeps_the_side_that_measures_faster(monkeypatch, on_ms, off_ms, chosen):
+    """Decode steps alternate epochs with and without prefetch, then the faster side runs
+    (and is measured again later); a prefill between steps is not counted as a step."""
+    from moe_edge.offload import prefetch
+    clock = [0.0]
+    monkeypatch.setattr(prefetch.time, "perf_counter", lambda: clock[0])
+    gov = prefetch.PrefetchGovernor(epoch=4, explore=2, exploit=10)
+    seen = []
+    for i in range(16 + 10 + 8):
+        gov.step()
+        seen.append(gov.on)
+        clock[0] += (on_ms if gov.on else off_ms) / 1e3
+        if i == 5:
+            gov.pause()
+            clock[0] += 1.0  # a long prefill: must not count against the side measuring now
+    assert seen[:16] == [True] * 4 + [False] * 4 + [True] * 4 + [False] * 4
+    assert gov.chosen is chosen and seen[16:26] == [chosen] * 10
+    assert seen[26:34] == [chosen] * 4 + [not chosen] * 4  # re-measured, the chosen side first
+    assert gov.summary()["step_ms_on"] == on_ms and gov.summary()["step_ms_off"] == off_ms
+
+
+def test_governed_prefetch_keeps_offloaded_tokens_equal_to_resident(ckpts):
+    """Whatever the governor picks step by step, greedy tokens equal the resident model's."""
+    ref = load(ckpts["gptq"], device="cpu")
+    lm = load_offloaded(ckpts["gptq"], device="cpu", expert_cache=3, prefetch="auto", reads=4)
+    try:
+        lm.offload.prefetcher.governor.epoch = 2  # switch sides often within a short run
+        want = ref.generate("Prefetch or not", temperature=0, max_new_tokens=24).token_ids
+        got = lm.generate("Prefetch or not", temperature=0, max_new_tokens=24).token_ids
+        gov = lm.offload.prefetcher.governor
+        assert got == want and gov.steps_on > 0 and gov.steps_off > 0
+    finally:
+        lm.offload.close()
