@@ -1,0 +1,53 @@
+"""bench/inflate.py: a zero-padded model at wider sizes computes the source's function
+(logits equal up to float rounding) and routes every token to the same experts, for fp and
+GPTQ (act-order) checkpoints. The benchmark of a trained model at 16B expert sizes rests on it."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_edge.api import load_model
+from moe_edge.model.moe import Router
+from moe_edge.testing import write_checkpoint, write_gptq_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from inflate import inflate  # noqa: E402
+
+FORWARD = Router.forward
+TARGET = dict(hidden_size=256, head_dim=64, intermediate_size=160, moe_intermediate_size=64)
+
+
+def logits_and_routes(path, monkeypatch):
+    routes = []
+
+    def spy(self, x):
+        weights, ids = FORWARD(self, x)
+        routes.append(ids)
+        return weights, ids
+    monkeypatch.setattr(Router, "forward", spy)
+    model = load_model(path, device="cpu", dtype="float32", kernel="dequant")
+    with torch.no_grad():
+        return model(torch.arange(3, 90)[None]), routes
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_inflated_model_computes_the_same_function(tmp_path, monkeypatch, quantized):
+    src = write_checkpoint(tmp_path / "fp", "deepseek", seed=3, tokenizer=False)
+    if quantized:
+        src = write_gptq_checkpoint(src, tmp_path / "gptq", group_size=32, act_order=True)
+    dst = inflate(src, tmp_path / "wide", TARGET)
+    wide = load_model(dst, device="cpu", dtype="float32", kernel="int4" if quantized else "auto")
+    assert wide.config.hidden_size == 256 and wide.config.head_dim == 64
+    assert wide.config.moe_intermediate_size == 64
+    want, want_routes = logits_and_routes(src, monkeypatch)
+    got, got_routes = logits_and_routes(dst, monkeypatch)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    assert len(got_routes) == len(want_routes) and all(map(torch.equal, got_routes, want_routes))
+
+
+def test_inflating_refuses_inexact_factors(tmp_path):
+    src = write_checkpoint(tmp_path / "fp", "deepseek", tokenizer=False)
+    with pytest.raises(ValueError, match="square factor"):
+        inflate(src, tmp_path / "x", dict(TARGET, hidden_size=128))  # 2x: norms would need sqrt(2)
