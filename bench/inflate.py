@@ -118,13 +118,14 @@ class Inflation:
         rows, cols, (N, K), scale = self.maps(name + ".qweight")
         q, zeros, scales, g_idx = unpack(t)  # [n, k], [g, n], [g, n], [k]
         rows, cols = _index(rows, N), _index(cols, K)
+        G0, G = zeros.shape[0], -(-K // group)  # the format has ceil(K / group) groups
+        g2 = torch.empty(K, dtype=torch.int64)
+        g2[cols] = g_idx  # original columns keep their (act-order) groups; padding fills
+        free = group - torch.bincount(g_idx, minlength=G0)  # the partial ones, then its own
+        fill = torch.cat([torch.repeat_interleave(torch.arange(G0), free), torch.arange(G0, G).repeat_interleave(group)])
         padded = torch.ones(K, dtype=torch.bool)
         padded[cols] = False
-        G0 = zeros.shape[0]
-        G = G0 + -(-int(padded.sum()) // group)
-        g2 = torch.empty(K, dtype=torch.int64)
-        g2[cols] = g_idx  # original columns keep their (act-order) groups, padding gets its own
-        g2[padded] = G0 + torch.arange(int(padded.sum())) // group
+        g2[padded] = fill[: int(padded.sum())]
         z2 = torch.full((G, N), 8, dtype=zeros.dtype)
         z2[:G0, rows] = zeros
         s2 = torch.ones(G, N, dtype=scales.dtype)

@@ -32,11 +32,12 @@ def logits_and_routes(path, monkeypatch):
         return model(torch.arange(3, 90)[None]), routes
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_inflated_model_computes_the_same_function(tmp_path, monkeypatch, quantized):
+@pytest.mark.parametrize("group", [None, 32, 64])  # 64: the experts' 32 inputs fill half a group
+def test_inflated_model_computes_the_same_function(tmp_path, monkeypatch, group):
     src = write_checkpoint(tmp_path / "fp", "deepseek", seed=3, tokenizer=False)
+    quantized = group is not None
     if quantized:
-        src = write_gptq_checkpoint(src, tmp_path / "gptq", group_size=32, act_order=True)
+        src = write_gptq_checkpoint(src, tmp_path / "gptq", group_size=group, act_order=True)
     dst = inflate(src, tmp_path / "wide", TARGET)
     wide = load_model(dst, device="cpu", dtype="float32", kernel="int4" if quantized else "auto")
     assert wide.config.hidden_size == 256 and wide.config.head_dim == 64
