@@ -20,13 +20,13 @@ within every repeat:
   and puts the expert modules of the last MoE layers on disk, as many as the budget needs:
   the best placement accelerate can do at its granularity (one fused tensor per layer).
 
---ram-limit BYTES makes the budget real, without cgroups: before each run a balloon process
-takes all available memory but BYTES (touched anonymous pages; this machine has no swap, so
-the kernel cannot give them back), and the engine, its page cache and memory-mapped files
-share the rest. The engine runs with oom_score_adj 1000 (the balloon with -1000 where allowed): an engine
-that needs more than the limit is killed and reported so. Under a limit moe-edge sizes its
-cache itself (`expert_cache="auto"`, what a user gets); `--hf-dtype auto` gives transformers
-its own default for the checkpoint (bf16 here), as moe-edge keeps bf16 weights bf16.
+--ram-limit BYTES makes the budget real: each run gets its own cgroup v1 memory group of BYTES
+(bench/_cgroup.py; root), which charges the engine's memory and the page cache it fills
+(checkpoint reads, memory-mapped files); an engine that needs more is OOM-killed and reported
+so. Caches are dropped before every run. Under a limit moe-edge sizes its cache itself
+(`expert_cache="auto"`, what a user gets); `--hf-dtype auto` gives transformers its own
+default for the checkpoint (bf16 here), as moe-edge keeps bf16 weights bf16.
+bench/memlimit.py runs the engines with their defaults under such limits.
 
 Reported per engine: decode tokens/s (median of repeats), load seconds, resident memory after
 decoding (RSS, anonymous part) and peak, bytes the process read from storage (/proc/self/io
@@ -41,7 +41,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ from pathlib import Path
 import psutil
 import torch
 from _baseline_model import sizes, write_model  # bench/ is on sys.path when a script runs
+from _cgroup import run_limited
 from _machine import machine
 
 ENGINES = ("moe-edge", "naive", "accelerate", "accelerate-experts")
@@ -65,48 +65,59 @@ class UncachedExperts:
         self.store, self.layouts, self.index_of, self.layer = store, layouts, index_of, layer
         self.hidden, self.width, self.scratch, self.counter = hidden, width, scratch, counter
 
-    def experts_for(self, ids):
+    def experts_for(self, ids, hold: bool = False):
         from moe_edge.offload.store import expert_from_buffer
+        if hold:
+            raise ValueError("one scratch buffer cannot hold experts")
         for e in ids:
             self.store.read_into(self.index_of(self.layer, e), self.scratch)
             self.counter["bytes"] += self.store.stride
             yield e, expert_from_buffer(self.layouts[(self.layer, e)], self.scratch, self.hidden, self.width)
 
+    def apply(self, inputs, ids: list[int]) -> torch.Tensor:
+        return torch.cat([inputs(expert) for _, expert in self.experts_for(ids)])  # [A, D], each before the next read
+
 
 class MoeEdge:
-    """moe-edge's own decoder; `cached` False swaps the expert cache for UncachedExperts."""
+    """moe-edge's own decoder around a LoadedModel (offloaded or resident); `cached` False
+    swaps the expert cache for UncachedExperts."""
 
-    def __init__(self, path: Path, fraction: float, store_dir: Path, cached: bool, auto: bool = False):
-        from moe_edge.api import load_offloaded
-        from moe_edge.config import load_config
-        cfg = load_config(path)
-        if cached:
-            self.lm = load_offloaded(path, device="cpu", expert_cache="auto" if auto else f"{fraction * 100:g}%",
-                                     prefetch_depth=1, slow_tier="disk", offload_dir=store_dir)
-        else:  # top-k slots that are never touched (so never resident): only the store is used
-            self.lm = load_offloaded(path, device="cpu", expert_cache=cfg.top_k, prefetch_depth=0,
-                                     slow_tier="disk", offload_dir=store_dir)
-        self.model, self.counter = self.lm.model, {"bytes": 0}
-        cache = self.lm.offload.cache
+    def __init__(self, lm, cached: bool = True):
+        self.lm, self.model, self.counter, self.cached = lm, lm.model, {"bytes": 0}, cached
         if not cached:
+            cache, cfg = lm.offload.cache, lm.model.config
             cache.close()  # its loader thread; the store stays open
             scratch = torch.empty(cache.store.stride, dtype=torch.uint8)
             for layer, block in self.model.moe_blocks().items():
                 block.experts = UncachedExperts(cache.store, cache.layouts, cache.index_of, layer,
                                                 cfg.hidden_size, cfg.moe_intermediate_size, scratch, self.counter)
-        self.cached = cached
+
+    @classmethod
+    def open(cls, path: Path, fraction: float, store_dir: Path, cached: bool, auto: bool = False) -> MoeEdge:
+        """This benchmark's settings: prefetch depth 1, the store in `store_dir`; uncached:
+        top-k slots that are never touched (so never resident), only the store is used."""
+        from moe_edge.api import load_offloaded
+        from moe_edge.config import load_config
+        cache = ("auto" if auto else f"{fraction * 100:g}%") if cached else load_config(path).top_k
+        lm = load_offloaded(path, device="cpu", expert_cache=cache, prefetch_depth=1 if cached else 0,
+                            slow_tier="disk", offload_dir=store_dir)
+        return cls(lm, cached)
 
     def info(self) -> dict:
+        if self.lm.offload is None:
+            return {"dtype": str(self.model.dtype).removeprefix("torch.")}
         plan = self.lm.offload.plan.to_dict()
-        keep = ("resident_bytes", "kv_cache_bytes", "expert_bytes", "slots_per_layer", "cache_bytes",
-                "store_bytes", "resident_fraction") if self.cached else ("resident_bytes", "expert_bytes", "store_bytes")
+        keep = ("resident_bytes", "kv_cache_bytes", "expert_bytes", "slots_per_layer", "cache_bytes", "store_bytes",
+                "resident_fraction", "available_bytes") if self.cached else ("resident_bytes", "expert_bytes", "store_bytes")
         return {"plan": {k: plan[k] for k in keep}, "dtype": str(self.model.dtype).removeprefix("torch.")}
 
     def reset(self) -> None:
-        self.lm.reset_offload_stats()
+        if self.lm.offload is not None:
+            self.lm.reset_offload_stats()
         self.counter["bytes"] = 0
 
-    def generate(self, prompt: list[int], new_tokens: int, after_prefill=None) -> tuple[list[int], float]:
+    def generate(self, prompt: list[int], new_tokens: int, after_prefill=None) -> tuple[list[int], float, float]:
+        """Greedy tokens, decode tokens/s, prompt tokens/s."""
         from moe_edge.generation import SamplingParams, generate_ids
         timings: dict = {}
         params = SamplingParams(temperature=0, max_new_tokens=new_tokens, eos_token_ids=())
@@ -115,9 +126,11 @@ class MoeEdge:
             tokens.append(token)
             if len(tokens) == 1 and after_prefill:
                 after_prefill()
-        return tokens, (len(tokens) - 1) / timings["decode_seconds"]
+        return tokens, (len(tokens) - 1) / timings["decode_seconds"], len(prompt) / timings["prompt_seconds"]
 
     def moved(self) -> dict:
+        if self.lm.offload is None:
+            return {}
         if not self.cached:
             return {"expert_bytes_read": self.counter["bytes"]}
         s = self.lm.offload_stats().total
@@ -155,7 +168,7 @@ class Accelerate:
     def reset(self) -> None:
         pass
 
-    def generate(self, prompt: list[int], new_tokens: int, after_prefill=None) -> tuple[list[int], float]:
+    def generate(self, prompt: list[int], new_tokens: int, after_prefill=None) -> tuple[list[int], float, float]:
         from transformers import LogitsProcessor, LogitsProcessorList
 
         class Stamp(LogitsProcessor):  # called once per new token, right after its forward
@@ -170,12 +183,13 @@ class Accelerate:
 
         stamp = Stamp()
         ids = torch.tensor([prompt])
+        t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=1,
                                       logits_processor=LogitsProcessorList([stamp]))
         t = stamp.times
-        return out[0, len(prompt):].tolist(), (len(t) - 1) / (t[-1] - t[0])
+        return out[0, len(prompt):].tolist(), (len(t) - 1) / (t[-1] - t[0]), len(prompt) / (t[0] - t0)
 
     def moved(self) -> dict:
         return {}
@@ -211,93 +225,105 @@ def _io() -> dict:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
 
 
+def measure(engine, prompt: list[int], new_tokens: int, warmup: list[int]) -> dict:
+    """A warm-up (8 tokens after `warmup`, filling caches the way a session would), then one
+    greedy decode of `new_tokens` after `prompt`. Counters cover the decode steps only (after
+    the prompt's prefill), as tokens/s does; `total_read_bytes` is the whole process's."""
+    rss_loaded = psutil.Process().memory_info().rss
+    engine.generate(warmup, 8)
+    io0 = {}
+
+    def after_prefill():
+        engine.reset()
+        io0.update(_io())
+
+    tokens, tps, prompt_tps = engine.generate(prompt, new_tokens, after_prefill)
+    io1 = _io()
+    mem = psutil.Process().memory_info()
+    return {"decode_tps": tps, "prompt_tps": prompt_tps, "tokens": tokens, "rss_loaded_bytes": rss_loaded,
+            "rss_bytes": mem.rss, "rss_anon_bytes": mem.rss - mem.shared,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "storage_read_bytes": io1["read_bytes"] - io0["read_bytes"], "total_read_bytes": io1["read_bytes"],
+            "rchar_bytes": io1["rchar"] - io0["rchar"], **engine.moved(), **engine.info()}
+
+
+def random_prompt(vocab: int, n: int, seed: int = 0) -> list[int]:
+    return torch.randint(2, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def worker(args) -> dict:
-    if args.ram_limit:  # under a limit, this process is the one the OOM killer takes
-        Path("/proc/self/oom_score_adj").write_text("1000")
     torch.set_num_threads(args.threads)
     cfg = json.loads((args.model / "config.json").read_text())
-    prompt = torch.randint(2, cfg["vocab_size"], (args.prompt_tokens,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = random_prompt(cfg["vocab_size"], args.prompt_tokens)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hf-offload-", dir=args.work) as tmp:
         if args.worker in ("moe-edge", "naive"):
-            engine = MoeEdge(args.model, args.fraction, args.work / "store", cached=args.worker == "moe-edge",
-                             auto=bool(args.ram_limit))
+            engine = MoeEdge.open(args.model, args.fraction, args.work / "store", cached=args.worker == "moe-edge",
+                                  auto=bool(args.ram_limit))
         else:
             engine = Accelerate(args.model, args.budget, Path(tmp), args.worker == "accelerate-experts", cfg,
                                 args.hf_dtype)
         load_s = time.perf_counter() - t0
-        rss_loaded = psutil.Process().memory_info().rss
-        engine.generate(prompt, 8)  # warm-up: fills caches the way a session would
-        io0 = {}
-
-        def after_prefill():  # counters cover the decode steps only, as tokens/s does
-            engine.reset()
-            io0.update(_io())
-
-        tokens, tps = engine.generate(prompt, args.new_tokens, after_prefill)
-        io1 = _io()
-        mem = psutil.Process().memory_info()
-        return {"engine": args.worker, "decode_tps": tps, "load_s": round(load_s, 1),
-                "tokens": tokens, "rss_loaded_bytes": rss_loaded, "rss_bytes": mem.rss,
-                "rss_anon_bytes": mem.rss - mem.shared,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "storage_read_bytes": io1["read_bytes"] - io0["read_bytes"],
-                "rchar_bytes": io1["rchar"] - io0["rchar"], **engine.moved(), **engine.info()}
+        return {"engine": args.worker, "load_s": round(load_s, 1), **measure(engine, prompt, args.new_tokens, prompt)}
 
 
 # --- the driver ------------------------------------------------------------------------------
-BALLOON = """
-import sys
-from pathlib import Path
-try:
-    Path("/proc/self/oom_score_adj").write_text("-1000")
-except PermissionError:  # needs CAP_SYS_RESOURCE; the engine's +1000 decides anyway
-    pass
-held = bytearray(int(sys.argv[1]))
-for i in range(0, len(held), 4096):  # touch every page: anonymous, resident, unswappable
-    held[i] = 1
-print("ready", flush=True)
-sys.stdin.read()
-"""
+def bench_parser(doc: str, engines: tuple[str, ...], work: str, repeats: int, prompt_tokens: int):
+    """The options this script and bench/memlimit.py share."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["small", "16b"], default="small")
+    ap.add_argument("--model", type=Path, default=None, help=f"checkpoint folder (default {work}/<shape>)")
+    ap.add_argument("--work", type=Path, default=Path(work), help="stores and offload folders")
+    ap.add_argument("--engines", default=",".join(engines))
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--worker", choices=engines, help=argparse.SUPPRESS)
+    return ap
 
 
-def balloon(limit: int) -> tuple[subprocess.Popen | None, int]:
-    """A process holding all available memory but `limit` bytes, until its stdin closes."""
-    hold = psutil.virtual_memory().available - limit
-    if hold <= 0:
-        return None, 0
-    p = subprocess.Popen([sys.executable, "-c", BALLOON, str(hold)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-    if p.stdout.readline().strip() != "ready":
-        raise RuntimeError("the memory balloon did not start")
-    return p, hold
+def parse_or_work(ap: argparse.ArgumentParser, worker):
+    """The driver's arguments (the model written, engines split); in a worker subprocess
+    (--worker), runs `worker` and prints its JSON line instead, returning None."""
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return None
+    args.model = args.model or write_model(args.work / args.shape, args.shape)
+    args.engines = args.engines.split(",")
+    return args
+
+
+def worker_cmd(script: str, args, engine: str, *extra: str) -> list[str]:
+    return [sys.executable, script, "--worker", engine, "--model", str(args.model), "--work", str(args.work),
+            "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
+            "--new-tokens", str(args.new_tokens), *extra]
+
+
+def rotated(engines: list[str], repeats: int):
+    """Every engine once a repeat, each repeat starting one engine further on."""
+    for i in range(repeats):
+        yield from engines[i % len(engines):] + engines[:i % len(engines)]
+
+
+def emit(result: dict, out: Path | None) -> None:
+    text = json.dumps(result, indent=1)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
 
 
 def run_engine(args, engine: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--model", str(args.model), "--work", str(args.work),
-           "--budget", str(args.budget), "--fraction", str(args.fraction), "--threads", str(args.threads),
-           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-           "--ram-limit", str(args.ram_limit or 0), "--hf-dtype", args.hf_dtype]
+    cmd = worker_cmd(__file__, args, engine, "--budget", str(args.budget), "--fraction", str(args.fraction),
+                     "--ram-limit", str(args.ram_limit or 0), "--hf-dtype", args.hf_dtype)
     print(f"[{time.strftime('%H:%M:%S')}] {engine} ...", file=sys.stderr, flush=True)
-    held, held_bytes = balloon(args.ram_limit) if args.ram_limit else (None, 0)
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True)
-    finally:
-        if held is not None:
-            held.stdin.close()
-            held.wait()
-    if p.returncode != 0:
-        tail = p.stderr.strip().splitlines()[-15:]
-        if p.returncode == -9:
-            tail.append(f"killed (SIGKILL): out of memory under the {args.ram_limit / 2**30:.2f} GiB limit")
-        print("\n".join(tail), file=sys.stderr)
-        return {"engine": engine, "error": tail[-1] if tail else f"exit {p.returncode}", "stderr_tail": tail,
-                "balloon_bytes": held_bytes}
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    r["balloon_bytes"] = held_bytes
-    print(f"    {r['decode_tps']:.2f} tok/s, rss {r['rss_bytes'] / 2**30:.2f} GiB, load {r['load_s']} s",
-          file=sys.stderr, flush=True)
+    r = {"engine": engine, **run_limited(cmd, args.ram_limit or None, "offload-baselines")}
+    if "error" not in r:
+        print(f"    {r['decode_tps']:.2f} tok/s, rss {r['rss_bytes'] / 2**30:.2f} GiB, load {r['load_s']} s",
+              file=sys.stderr, flush=True)
     return r
 
 
@@ -340,46 +366,25 @@ def summarise(runs: list[dict], args, cfg: dict, s: dict) -> dict:
             "fp32_sizes": s, "budget_bytes": args.budget, "budget_rule": f"dense + {args.fraction:g} x routed experts (fp32)",
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "threads": args.threads, "ram_limit_bytes": args.ram_limit or None, "hf_dtype": args.hf_dtype,
-            "balloon_bytes": [r.get("balloon_bytes", 0) for r in runs], "order": "engines alternated, rotated each repeat, one subprocess per run",
+            "cgroup_peak_bytes": [r.get("cgroup", {}).get("peak_bytes") for r in runs],
+            "order": "engines alternated, rotated each repeat, one subprocess and memory cgroup per run",
             "results": out, "ratios": ratios, "same_greedy_tokens": same, "machine": machine()}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=["small", "16b"], default="small")
-    ap.add_argument("--model", type=Path, default=None, help="checkpoint folder (default build/baselines/<shape>)")
-    ap.add_argument("--work", type=Path, default=Path("build/baselines"), help="store and offload folders")
+    ap = bench_parser(__doc__, ENGINES, "build/baselines", repeats=3, prompt_tokens=32)
     ap.add_argument("--fraction", type=float, default=0.5, help="routed experts the budget holds")
     ap.add_argument("--budget", type=int, default=None, help="bytes (default: dense + fraction x experts, fp32)")
-    ap.add_argument("--engines", default="moe-edge,naive,accelerate,accelerate-experts")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--ram-limit", type=int, default=0,
-                    help="bytes the engine and its page cache may use in all (a balloon takes the rest)")
+                    help="bytes the engine and its page cache may use in all (a memory cgroup of this size)")
     ap.add_argument("--hf-dtype", default="float32", help="transformers' dtype: float32, bfloat16 or auto")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    if args.worker:
-        print(json.dumps(worker(args)))
+    if not (args := parse_or_work(ap, worker)):
         return
-    args.model = args.model or write_model(args.work / args.shape, args.shape)
     cfg = json.loads((args.model / "config.json").read_text())
     s = sizes(cfg)
     args.budget = args.budget or int(s["dense_bytes"] + args.fraction * s["routed_expert_bytes"])
-    args.engines = args.engines.split(",")
-    runs = []
-    for i in range(args.repeats):
-        for engine in args.engines[i % len(args.engines):] + args.engines[:i % len(args.engines)]:
-            runs.append(run_engine(args, engine))
-    result = summarise(runs, args, cfg, s)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    runs = [run_engine(args, engine) for engine in rotated(args.engines, args.repeats)]
+    emit(summarise(runs, args, cfg, s), args.out)
 
 
 if __name__ == "__main__":
