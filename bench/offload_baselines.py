@@ -226,7 +226,7 @@ def _io() -> dict:
 
 
 def measure(engine, prompt: list[int], new_tokens: int, warmup: list[int]) -> dict:
-    """A warm-up (8 tokens after `warmup`, filling caches the way a session would), then one
+    """A warm-up (8 tokens after `warmup`, filling caches the way a conversation would), then one
     greedy decode of `new_tokens` after `prompt`. Counters cover the decode steps only (after
     the prompt's prefill), as tokens/s does; `total_read_bytes` is the whole process's."""
     rss_loaded = psutil.Process().memory_info().rss
