@@ -13,10 +13,8 @@
 // which is sum_k x_k ((q_k - 8) s + zero), the kernel's dequantised weight. The offset costs
 // bits where x has a mean (sum_k x_k large): the output is then within one bf16 step of the
 // exact result, and rounded as it is for 97.8-99.2% of outputs (99.7-99.9% for zero-mean x,
-// against 99.99-100% for PyTorch's kernel, which pays in speed on streamed weights). An exact
-// lookup of bf16 q - 8 (a VPERMW per 16 columns) rounded 100% but decoded the 16B shape
-// 15-20% slower (6.1-6.2 against 7.0-7.5 tokens/s, alternated); 1 + q/16 (offset 1.5 instead
-// of 136, two more shifts a line) rounded 99.5% and decoded at 5.1-6.0 against 6.5.
+// against 99.99-100% for PyTorch's kernel, which pays in speed on streamed weights). Exact
+// alternatives (a lookup of bf16 q - 8, or 1 + q/16) decode the 16B shape 15-20% slower.
 
 // Every row is computed the same way whatever else is in the call (other rows, other
 // weights, thread count): same chains, same order. So one expert's output is bit for bit the

@@ -3,8 +3,8 @@
 PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) computes a few rows at a time and
 dequantises the weight again for each: 2048 -> 2816 costs ~66 us per row from 8 rows up, so
 a 512-token prompt spends 34 ms in one such matmul. Dequantising the weight once (~3 ms) and
-multiplying in bf16 (AMX/AVX512-BF16: 4 ms for 512 rows) is 4x faster at 512 rows; the
-16B-shaped model's 512-token prefill went from 27 to 48-53 tokens/s (side by side).
+multiplying in bf16 (AMX/AVX512-BF16: 4 ms for 512 rows) is 4x faster at 512 rows
+(docs/performance.md has the prefill rates).
 
 The weights are those the kernel uses, rounded once to bf16: logits differ from the kernel's
 by ~2e-3 (relative), the size of the bf16 rounding of the activations it already makes.
