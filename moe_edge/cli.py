@@ -6,7 +6,11 @@ Model text goes to stdout; banners, stats and errors to stderr (cli_ui.py render
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+import time
+import warnings
 
 import click
 
@@ -19,7 +23,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _notices():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -36,6 +41,45 @@ class _Group(click.Group):
             raise
         click.echo(line, err=True)
         sys.exit(1)
+
+
+class _NoticeHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from .cli_ui import notice
+        click.echo(notice(record.getMessage()), err=True)
+
+
+@contextlib.contextmanager
+def _notices():
+    """The library's own log records at INFO and up (the one-time kernel build) on stderr."""
+    log, handler = logging.getLogger("moe_edge"), _NoticeHandler()
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _own_warnings_only():
+    """Third-party warnings and log messages (transformers' deprecations, its note on long
+    calibration text) stay out of the output; moe-edge's own warnings and -v show them."""
+    if click.get_current_context().meta.get("verbose"):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore")
+            warnings.filterwarnings("default", module=r"moe_edge(\.|$)")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _set_verbose(ctx, _param, value):
@@ -326,7 +370,7 @@ def quantize(model, out, bits, group_size, sym, act_order, damp, method, calib, 
         plan = q.plan(model, out, options)
         cli_ui.echo_json(plan) if as_json else click.echo(cli_ui.quantize_plan(plan))
         return
-    with _LayerProgress() as progress:
+    with _own_warnings_only(), _LayerProgress() as progress:
         try:
             result = q.quantize(model, out, options, overwrite=overwrite, resume=resume,
                                 progress=progress)
@@ -340,17 +384,27 @@ def quantize(model, out, bits, group_size, sym, act_order, damp, method, calib, 
 
 
 class _LayerProgress:
-    """A tqdm bar over layers on a terminal; nothing when stderr is not one."""
+    """A tqdm bar over layers on a terminal; a plain line per layer when stderr is not one
+    (a nohup run's log), its eta from the layers this run has done (a resumed run skips some)."""
 
     def __enter__(self):
         from tqdm import tqdm
-        self.bar = tqdm(unit="layer", desc="quantizing", disable=not sys.stderr.isatty())
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(unit="layer", desc="quantizing", disable=not self.tty)
+        self.t0, self.first = time.monotonic(), None
         return self
 
     def __call__(self, done: int, total: int) -> None:
-        self.bar.total = total
-        self.bar.n = done
-        self.bar.refresh()
+        if self.tty:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+            return
+        from .cli_ui import layer_progress
+        self.first = done - 1 if self.first is None else self.first  # called after each layer
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / (done - self.first) * (total - done)
+        click.echo(layer_progress(done, total, elapsed, eta), err=True)
 
     def __exit__(self, *exc):
         self.bar.close()

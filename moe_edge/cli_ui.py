@@ -7,6 +7,7 @@ stdout, the rest on stderr).
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import click
 
@@ -29,6 +30,15 @@ def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def notice(message: str) -> str:
+    """A notice the library logs (the kernel build), as the CLI shows it."""
+    return f"moe-edge: {message}"
+
+
+def duration(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
+
+
 # --- quantize ---------------------------------------------------------------------------
 
 def quantize_plan(plan: dict) -> str:
@@ -45,6 +55,11 @@ def quantize_plan(plan: dict) -> str:
         f"size         {size(plan['size_before_bytes'])} -> about {size(plan['projected_size_bytes'])}",
         f"output       {plan['out']}",
     ])
+
+
+def layer_progress(done: int, total: int, elapsed: float, eta: float) -> str:
+    """The plain progress line of `quantize` when stderr is not a terminal."""
+    return f"layer {done}/{total} done, elapsed {duration(elapsed)}, eta {duration(eta)}"
 
 
 def quantize_summary(result) -> str:

@@ -1,6 +1,7 @@
 """The `moe-edge` CLI driven as a user would: CliRunner for flows, a real terminal for Ctrl-C."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -10,6 +11,7 @@ from moe_edge.cli import main
 from moe_edge.hub import resolve_model
 from moe_edge.info import model_info
 from moe_edge.errors import CheckpointError
+from moe_edge.quant import native
 from moe_edge.testing import random_model
 
 GREEDY = ["--temp", "0", "-n", "6"]
@@ -34,6 +36,7 @@ def gptq(tiny_deepseek, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "tiny-gptq"
     r = run("quantize", tiny_deepseek, "-o", out, "--method", "rtn", "--group-size", "32")
     assert r.exit_code == 0, r.output
+    native.available()  # built before the commands below, whose stderr holds no build notice
     return out
 
 
@@ -55,6 +58,33 @@ def test_piped_stdin_answers_once_and_matches_the_argument(gptq):
     given = run("chat", gptq, "hello", *GREEDY)
     assert piped.exit_code == 0 and piped.stderr == ""
     assert piped.stdout == given.stdout  # greedy: same reply, offloaded (piped) or resident (auto)
+
+
+@pytest.mark.skipif(not native.CPU_FLAGS <= native.cpu_flags(),
+                    reason="CPU without AVX512-BF16/VBMI: PyTorch's kernel runs, nothing is built")
+def test_the_kernel_build_is_announced_once_and_not_when_cached(gptq, tmp_path, monkeypatch):
+    """A first chat that compiles the native kernel says so on stderr, once; the next, which
+    finds it built, says nothing. The build: the cached one, as if just compiled in tmp_path."""
+    from torch.utils import cpp_extension
+    real_folder, real_load = native._folder(), cpp_extension.load
+
+    def load(name, sources, build_directory, **kw):
+        (Path(build_directory) / f"{name}.so").touch()
+        return real_load(name, sources, build_directory=str(real_folder), **kw)
+    monkeypatch.setattr(native, "_folder", lambda: tmp_path)
+    monkeypatch.setattr(cpp_extension, "load", load)
+    runs = []
+    try:
+        for _ in range(2):
+            native.available.cache_clear()
+            runs.append(run("chat", gptq, "hello", *GREEDY))
+    finally:
+        native.available.cache_clear()
+    first, again = runs
+    notice = "moe-edge: compiling the native int4 kernel (once, ~15 s)...\n"
+    assert first.exit_code == again.exit_code == 0, first.output
+    assert first.stderr == notice and again.stderr == ""
+    assert first.stdout == again.stdout and (tmp_path / "moe_edge_int4.so").exists()
 
 
 def test_json_and_stats(gptq):

@@ -13,7 +13,8 @@ Results differ from PyTorch's kernel in the last bits (other summation order; bo
 ~2e-3 from exact, the bf16 rounding of their output). Every row is computed the same way
 whatever else is in the call, so batching experts stays bit for bit.
 
-Built with the C++ compiler on first use (~13 s, cached under ~/.cache/moe-edge/kernels);
+Built with the C++ compiler on first use (~13 s, cached under ~/.cache/moe-edge/kernels;
+the build is announced at INFO on this module's logger, which the CLI shows on stderr);
 without a compiler, on other CPUs, or with MOE_EDGE_NATIVE=0, PyTorch's kernel runs instead.
 """
 # N=out features, K=in features, M=rows
@@ -21,6 +22,7 @@ without a compiler, on other CPUs, or with MOE_EDGE_NATIVE=0, PyTorch's kernel r
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import threading
@@ -32,6 +34,8 @@ import torch
 ENV = "MOE_EDGE_NATIVE"  # "0": PyTorch's kernel only (to compare, or to rule this one out)
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16"}
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "int4_decode.cpp"
+LIBRARY = "moe_edge_int4"
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,12 +68,25 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def _folder() -> Path:
+    """Where the kernel is built and cached: one folder per PyTorch and Python version."""
+    version = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return Path.home() / ".cache" / "moe-edge" / "kernels" / version
+
+
+def _built(folder: Path) -> bool:
+    """Whether `folder` holds a library newer than the source (loading it then compiles nothing)."""
+    library = folder / f"{LIBRARY}.so"
+    return library.exists() and library.stat().st_mtime >= SOURCE.stat().st_mtime
+
+
 def _build() -> None:
     import fcntl
     from torch.utils.cpp_extension import load
-    version = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
-    folder = Path.home() / ".cache" / "moe-edge" / "kernels" / version
+    folder = _folder()
     folder.mkdir(parents=True, exist_ok=True)
+    if not _built(folder):  # said before the lock: waiting on another process's build is as long
+        log.info("compiling the native int4 kernel (once, ~15 s)...")
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512bf16"]
     if torch.backends.openmp.is_available():
         flags.append("-fopenmp")  # ATen's parallel_for is an OpenMP pragma in its header
@@ -84,7 +101,7 @@ def _build() -> None:
             # every later build then waits on forever: while we hold ours, any is stale
             fcntl.flock(held, fcntl.LOCK_EX)
             (folder / "lock").unlink(missing_ok=True)
-            load("moe_edge_int4", [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
+            load(LIBRARY, [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
                  is_python_module=False, verbose=False)
     finally:
         os.environ["PATH"] = path
