@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import psutil
 import torch
 
 from ..errors import ConfigError
+
+# Memory cgroups: v2 files under the unified mount, v1 ones under its memory/ controller.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+_V2 = ("memory.max", "memory.current", "inactive_file")
+_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")  # total_: the subtree
+_NO_LIMIT = 2**60  # v1 says "no limit" as its page counter's maximum (2^63 - 4096 with 4 KiB pages)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -63,10 +72,93 @@ class OffloadPlan:
                 f"({mib(self.store_bytes)})")
 
 
-def available_memory(device: torch.device) -> int:
+def available_memory(device: torch.device, cgroup_root: Path = CGROUP_ROOT,
+                     proc_cgroup: Path = PROC_CGROUP) -> int:
+    """Free bytes on `device`: free VRAM on CUDA; on the CPU the host's available memory, or
+    less where this process's memory cgroup (Docker --memory, systemd, Kubernetes) leaves less.
+
+    >>> available_memory(torch.device("cpu")) / 2**30  # inside `docker run --memory 2g`: < 2
+    """
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
+    host = psutil.virtual_memory().available
+    room = cgroup_headroom(cgroup_root, proc_cgroup)
+    return host if room is None else min(host, room)
+
+
+def cgroup_headroom(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:
+    """Bytes this process's memory cgroup can still grow by: the least, over its group and
+    every group above it (v1 or v2), of limit - usage; None where no group sets a limit."""
+    rooms = [room for folder, files in _memory_groups(root, proc_cgroup)
+             if (room := _group_headroom(folder, files)) is not None]
+    return min(rooms, default=None)
+
+
+def _memory_groups(root: Path, proc_cgroup: Path):
+    """(folder, file names) for each memory cgroup holding this process, leaf to mount root.
+
+    A container without a cgroup namespace sees its own group mounted at the root while
+    /proc/self/cgroup names the host's path, so folders that are not there are skipped.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:  # not Linux, or no procfs
+        return
+    for line in lines:
+        ident, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if ident == "0" and controllers == "":
+            base, files = root, _V2
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", _V1
+        else:
+            continue
+        folder = base / path.strip().lstrip("/")
+        for group in [folder, *folder.parents]:
+            if group.is_dir() and (group / files[0]).exists():
+                yield group, files
+            if group == base:
+                break
+
+
+def _group_headroom(folder: Path, files: tuple[str, str, str]) -> int | None:
+    limit_file, usage_file, inactive_key = files
+    text = _read(folder / limit_file)
+    if text == "max":  # v2: no limit
+        return None
+    limit, usage = _int(folder / limit_file, text), _int(folder / usage_file, _read(folder / usage_file))
+    if limit is None or usage is None or limit >= _NO_LIMIT:
+        return None
+    # The page cache the process fills (the checkpoint, the disk expert store) is charged to
+    # the group; its inactive part is what the kernel reclaims first before an OOM kill, so
+    # counting it as used would shrink the plan for memory that is in fact there (as
+    # `docker stats` and the kubelet's working set do).
+    usage -= min(usage, _stat(folder / "memory.stat", inactive_key))
+    return max(0, limit - usage)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _int(path: Path, text: str | None) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        warnings.warn(f"{path}: no byte count in it ({text!r}); the memory plan leaves this "
+                      "cgroup out", stacklevel=3)
+        return None
+
+
+def _stat(path: Path, key: str) -> int:
+    """One field of a memory.stat file; 0 when it is missing or unreadable."""
+    for line in (_read(path) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def kv_cache_bytes(config, context: int, dtype: torch.dtype) -> int:

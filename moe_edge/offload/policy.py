@@ -1,5 +1,9 @@
 """Replacement policies for one layer's slots: small objects, so they can be compared on
-recorded routing traces."""
+recorded routing traces (bench/trace.py).
+
+The cache calls `touch(e)` when expert e is used or loaded, `victim(candidates)` for the
+one to evict among the unpinned residents, and `forget(e)` once e has left its slot.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +27,12 @@ class LRU:
         self._order.pop(expert, None)
 
     def victim(self, candidates: Iterable[int]) -> int | None:
+        """The lowest-ranked candidate; ties (and LRU itself) go to the least recently used."""
         allowed = set(candidates)
-        return next((e for e in self._order if e in allowed), None)
+        return min((e for e in self._order if e in allowed), key=self.rank, default=None)
+
+    def rank(self, expert: int) -> float:
+        return 0.0
 
     def order(self) -> list[int]:
         """Least recently used first."""
@@ -32,7 +40,8 @@ class LRU:
 
 
 class LFU(LRU):
-    """Evict the expert used least often (ties: least recently)."""
+    """Evict the expert used least often (ties: least recently). Counts outlive an eviction:
+    a layer has few experts, and an expert's popularity is what predicts its return."""
 
     name = "lfu"
 
@@ -44,10 +53,58 @@ class LFU(LRU):
         super().touch(expert)
         self.uses[expert] += 1
 
-    def victim(self, candidates: Iterable[int]) -> int | None:
-        allowed = set(candidates)
-        ranked = [e for e in self._order if e in allowed]
-        return min(ranked, key=lambda e: self.uses[e]) if ranked else None
+    def rank(self, expert: int) -> float:
+        return self.uses[expert]
 
 
-POLICIES = {"lru": LRU, "lfu": LFU}
+class LFUDA(LRU):
+    """LFU with dynamic aging (Arlitt et al., "Evaluating content management techniques for
+    Web proxy caches", 2000): key = uses while resident + L, where L becomes the evicted
+    expert's key at each eviction, so experts that were hot long ago age out."""
+
+    name = "lfuda"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.age = 0.0  # L
+        self.uses: Counter[int] = Counter()  # since the expert was loaded
+        self.key: dict[int, float] = {}
+
+    def touch(self, expert: int) -> None:
+        super().touch(expert)
+        self.uses[expert] += 1
+        self.key[expert] = self.age + self.uses[expert]
+
+    def forget(self, expert: int) -> None:
+        super().forget(expert)
+        self.age = self.key.pop(expert, self.age)
+        self.uses.pop(expert, None)
+
+    def rank(self, expert: int) -> float:
+        return self.key[expert]
+
+
+class LRFU(LRU):
+    """Frequency weighted by recency (LRFU: Lee et al., IEEE Trans. Computers 2001): each
+    past use counts 2^(-age / half_life), age in touches of this layer; evict the smallest
+    sum. A short half-life behaves like LRU, a long one like LFU; the default, 64 touches,
+    is about 11 tokens at top-6. Scores outlive an eviction, as LFU's counts do."""
+
+    name = "lrfu"
+
+    def __init__(self, half_life: float = 64.0) -> None:
+        super().__init__()
+        self.rate, self.clock = 1.0 / half_life, 0
+        self.score: dict[int, tuple[float, int]] = {}  # expert -> (sum at last use, clock then)
+
+    def touch(self, expert: int) -> None:
+        super().touch(expert)
+        self.clock += 1
+        self.score[expert] = (1.0 + self.rank(expert), self.clock)
+
+    def rank(self, expert: int) -> float:
+        value, at = self.score.get(expert, (0.0, self.clock))
+        return value * 2.0 ** (-self.rate * (self.clock - at))
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "lfuda": LFUDA, "lrfu": LRFU}

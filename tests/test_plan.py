@@ -1,0 +1,106 @@
+"""The CPU memory plan inside a memory cgroup: fake /proc/self/cgroup and /sys/fs/cgroup trees."""
+
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from moe_edge.offload.plan import available_memory, cgroup_headroom, slots_for
+
+MiB = 2**20
+CPU = torch.device("cpu")
+
+
+def _files(folder: Path, **files: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name.replace("_", ".", 1)).write_text(text + "\n")
+
+
+def _proc(tmp_path: Path, *lines: str) -> Path:
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text("\n".join(lines) + "\n")
+    return proc
+
+
+def _v1(tmp_path, limit: str, usage: str, stat: str = "total_inactive_file 0\n"):
+    group = tmp_path / "sys" / "memory" / "docker" / "abc"
+    _files(group, memory_limit_in_bytes=limit, memory_usage_in_bytes=usage, memory_stat=stat)
+    _files(group.parent.parent, memory_limit_in_bytes=str(2**63 - 4096), memory_usage_in_bytes="1")
+    return tmp_path / "sys", _proc(tmp_path, "12:pids:/docker/abc", "4:memory:/docker/abc", "0::/")
+
+
+def _v2(tmp_path, limit: str, current: str, stat: str = "anon 1\ninactive_file 0\n"):
+    group = tmp_path / "sys" / "system.slice" / "app.service"
+    _files(group, memory_max=limit, memory_current=current, memory_stat=stat)
+    _files(group.parent, memory_max="max", memory_current=current)
+    return tmp_path / "sys", _proc(tmp_path, "0::/system.slice/app.service")
+
+
+def test_v1_limit_minus_usage(tmp_path):
+    root, proc = _v1(tmp_path, str(1400 * MiB), str(400 * MiB))
+    assert cgroup_headroom(root, proc) == 1000 * MiB
+    assert available_memory(CPU, root, proc) == min(psutil.virtual_memory().available, 1000 * MiB)
+
+
+def test_v1_reclaimable_page_cache_is_not_used_memory(tmp_path):
+    stat = "cache 300\ninactive_file 5\ntotal_inactive_file 314572800\n"
+    root, proc = _v1(tmp_path, str(1400 * MiB), str(400 * MiB), stat)
+    assert cgroup_headroom(root, proc) == 1300 * MiB  # 300 MiB of inactive file cache is room
+
+
+def test_v2_limit_minus_usage_and_inactive_file(tmp_path):
+    root, proc = _v2(tmp_path, str(2048 * MiB), str(1024 * MiB), f"anon 7\ninactive_file {24 * MiB}\n")
+    assert cgroup_headroom(root, proc) == 1048 * MiB
+
+
+def test_a_parent_group_limit_counts(tmp_path):
+    root, proc = _v2(tmp_path, "max", str(100 * MiB))
+    _files(root / "system.slice", memory_max=str(612 * MiB), memory_current=str(200 * MiB))
+    assert cgroup_headroom(root, proc) == 412 * MiB
+
+
+def test_container_sees_its_own_group_at_the_mount_root(tmp_path):
+    # no cgroup namespace: /proc names the host's path, the container's group is the root
+    _files(tmp_path / "sys" / "memory", memory_limit_in_bytes=str(512 * MiB),
+           memory_usage_in_bytes=str(12 * MiB))
+    proc = _proc(tmp_path, "4:cpuacct,memory:/docker/0123abcd")
+    assert cgroup_headroom(tmp_path / "sys", proc) == 500 * MiB
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_no_limit_plans_from_the_host(tmp_path, layout):
+    root, proc = (_v1(tmp_path, str(2**63 - 4096), str(400 * MiB)) if layout == "v1"
+                  else _v2(tmp_path, "max", str(400 * MiB)))
+    assert cgroup_headroom(root, proc) is None
+    host = psutil.virtual_memory().available
+    assert abs(available_memory(CPU, root, proc) - host) < 256 * MiB  # the host moves a little
+
+
+def test_no_cgroup_files_at_all(tmp_path):
+    assert cgroup_headroom(tmp_path / "sys", tmp_path / "missing") is None
+    assert cgroup_headroom(tmp_path / "sys", _proc(tmp_path, "0::/a/b", "4:memory:/c")) is None
+
+
+@pytest.mark.parametrize("limit,usage", [("lots", str(MiB)), (str(512 * MiB), "")])
+def test_malformed_files_fall_back_to_the_host(tmp_path, limit, usage):
+    root, proc = _v2(tmp_path, limit, usage)
+    with pytest.warns(UserWarning, match="memory plan leaves this cgroup out"):
+        assert cgroup_headroom(root, proc) is None
+
+
+def test_malformed_proc_lines_are_skipped(tmp_path):
+    root, proc = _v1(tmp_path, str(1400 * MiB), str(400 * MiB), "total_inactive_file x\n")
+    proc.write_text("garbage\n\n4:memory:/docker/abc\n")
+    assert cgroup_headroom(root, proc) == 1000 * MiB  # an unreadable memory.stat frees nothing
+
+
+def test_auto_plans_within_the_group(tmp_path):
+    root, proc = _v1(tmp_path, str(1400 * MiB), str(400 * MiB))
+    seen = available_memory(CPU, root, proc)
+    slots, margin, _ = slots_for("auto", device=CPU, resident=100 * MiB, kv=20 * MiB,
+                                 expert_bytes=MiB, moe_layers=27, experts=64, top_k=6,
+                                 available=seen)
+    assert (seen, margin) == (1000 * MiB, 512 * MiB)
+    assert slots == (1000 - 100 - 20 - 512) // 27 == 13  # the host's free memory would give 64
