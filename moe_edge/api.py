@@ -196,12 +196,13 @@ class OffloadRuntime:
 
 def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert_cache="auto",
                    prefetch_depth: int = 1, prefetch_width: int | None = None,
-                   prefetch: str = "auto", policy: str = "lru", slow_tier: str = "auto",
+                   prefetch: str = "auto", policy: str = "lrfu", slow_tier: str = "auto",
                    dtype: str | torch.dtype | None = None, kernel: str = "auto", context: int = 4096,
                    offload_dir: str | Path | None = None, threaded: bool = True, reads: int = 4,
                    bf16_weights: bool | None = None, lm_head: str = "auto") -> LoadedModel:
     """Load a checkpoint with its routed experts offloaded: the dense part resident on
-    `device`, a fixed cache of expert slots there (LRU), the rest in host RAM or on disk,
+    `device`, a fixed cache of expert slots there (replaced by `policy`: LRFU, recency-weighted
+    frequency, by default; see bench/trace.py), the rest in host RAM or on disk,
     the next layers' experts prefetched from router predictions.
 
     `expert_cache`: "auto" (free memory after the dense part, a KV cache of `context`

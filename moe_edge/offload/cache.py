@@ -1,4 +1,4 @@
-"""The fast tier: a fixed pool of expert slots per MoE layer, replaced by a policy (LRU).
+"""The fast tier: a fixed pool of expert slots per MoE layer, replaced by a policy (LRFU by default).
 
 Slots are allocated once; a load copies one expert's buffer from the store into a slot
 (on a worker thread for host stores, on a side CUDA stream for a GPU). All bookkeeping runs
