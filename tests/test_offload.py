@@ -58,6 +58,23 @@ def test_offloaded_equals_resident(ckpts, kind, slots, depth):
         lm.offload.close()
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfuda", "lrfu"])
+@pytest.mark.parametrize("reads", [1, 4])
+def test_offloaded_equals_resident_under_every_policy_and_reads_in_flight(ckpts, policy, reads):
+    """Greedy tokens equal resident ones whatever the policy evicts and however many loads
+    are in flight (every-step prefetch: the most loads, the most evictions)."""
+    ref = load(ckpts["gptq"], device="cpu")
+    lm = load_offloaded(ckpts["gptq"], device="cpu", expert_cache=4, policy=policy, reads=reads,
+                        prefetch="always", slow_tier="disk")
+    try:
+        prompt = "Policies choose what leaves, never what is computed."
+        assert lm.generate(prompt, temperature=0, max_new_tokens=24).token_ids == \
+            ref.generate(prompt, temperature=0, max_new_tokens=24).token_ids
+        assert lm.offload_stats().total.misses > 0
+    finally:
+        lm.offload.close()
+
+
 @pytest.mark.parametrize("kind", ["gptq", "gptq-plain"])
 @pytest.mark.parametrize("offloaded", [False, True])
 def test_experts_sharing_one_input_cast_is_bitwise(ckpts, kind, offloaded, monkeypatch):
