@@ -85,9 +85,18 @@ def worker(args) -> dict:
         engine = open_engine(args.worker, args.model, args.budget or None, args.work, Path(tmp))
         load_s = time.perf_counter() - t0
         print(f"loaded in {load_s:.1f} s; decoding", file=sys.stderr, flush=True)  # how far an OOM-killed run got
-        r = measure(engine, random_prompt(vocab, args.prompt_tokens), args.new_tokens,
-                    random_prompt(vocab, 16, seed=1))
+        r = measure(engine, prompt_ids(args, vocab), args.new_tokens, random_prompt(vocab, 16, seed=1))
     return {"engine": args.worker, "load_s": round(load_s, 1), **r}
+
+
+def prompt_ids(args, vocab: int) -> list[int]:
+    """The prompt: random ids, or held-out text (`--text heldout`: a trained model's routing
+    meets real text; moe_edge/data/demo_heldout.jsonl, never trained on)."""
+    if args.text == "random":
+        return random_prompt(vocab, args.prompt_tokens)
+    from moe_edge.evaluate import heldout_ids
+    from moe_edge.tokenizer import load_tokenizer
+    return heldout_ids(load_tokenizer(args.model), max_tokens=args.prompt_tokens).tolist()
 
 
 # --- limits ----------------------------------------------------------------------------------
@@ -109,7 +118,7 @@ def parse_limit(text: str, info, allowance: int) -> tuple[int | None, str]:
 def run_engine(args, engine: str, limit: int | None) -> dict:
     limit = None if engine in UNLIMITED else limit
     budget = limit - args.allowance if limit else 0
-    cmd = worker_cmd(__file__, args, engine, "--budget", str(budget))
+    cmd = worker_cmd(__file__, args, engine, "--budget", str(budget), "--text", args.text)
     print(f"[{time.strftime('%H:%M:%S')}] {engine}, limit {f'{limit / 2**30:.2f} GiB' if limit else 'none'} ...",
           file=sys.stderr, flush=True)
     r = {"engine": engine, "limit_bytes": limit, **run_limited(cmd, limit, "memlimit")}
@@ -167,6 +176,8 @@ def main() -> None:
     ap.add_argument("--limit", default="dense+50%", help="bytes, a size, none, or dense+P%%; comma-separated")
     ap.add_argument("--allowance", default="768MiB", help="runtime memory a dense+P%% limit adds")
     ap.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--text", choices=["random", "heldout"], default="random",
+                    help="prompt: random ids, or the demo's held-out text (trained models)")
     if not (args := parse_or_work(ap, worker)):
         return
     args.allowance = parse_size(args.allowance)
