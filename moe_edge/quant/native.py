@@ -4,8 +4,8 @@ PyTorch's `_weight_int4pack_mm_for_cpu` reads a DeepSeek-16B expert (2048 -> 281
 at ~10 GB/s on these 2-core machines, which read ~21 GB/s: it issues no prefetches, and
 the hardware's stop at every 4 KiB page. This kernel takes the same packed bytes and
 scales (no second copy, no new format), turns two input rows into bf16 pairs with one byte
-permute and multiplies them with AVX512-BF16 dot products while prefetching 64 KiB ahead:
-13.6-15.7 GB/s against 10.5-10.7 on the same streamed weights, side by side (bench/kernels.py).
+permute and multiplies them with AVX512-BF16 dot products while prefetching 64 KiB ahead,
+1.3-1.5x PyTorch's kernel on the same streamed weights (bench/kernels.py, docs/performance.md).
 One call runs a layer's experts (`int4_mm_cat`: one parallel region instead of one per
 matrix), or whole MLPs, gate+up to down (`mlps`: the ATen ops between them from C++).
 
