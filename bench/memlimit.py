@@ -4,7 +4,7 @@ charged to the group, caches dropped before every run, engines alternated across
 Prints JSON (and writes it with --out).
 
     python bench/memlimit.py --shape small --repeats 1 --out build/memlimit_small.json
-    flock /tmp/moe-edge-heavy.lock python bench/memlimit.py --shape 16b --limit dense+50% \\
+    flock /tmp/moe-edge-heavy.lock python bench/memlimit.py --shape 16b --limit dense+50%,dense+25% \\
         --repeats 2 --out bench/results/memlimit.json
 
 The model is bench/_baseline_model.py's random Qwen2-MoE in DeepSeek-MoE's shapes, bf16 on
@@ -40,6 +40,7 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -167,8 +168,16 @@ def summarise(runs: list[dict], args, info) -> dict:
             "allowance_bytes": args.allowance, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "threads": args.threads, "unlimited": sorted(UNLIMITED & set(args.engines)),
             "order": "engines rotated each repeat, one subprocess and memory cgroup per run, caches dropped first",
-            "limits": limits, "skipped": SKIPPED, "machine": machine(),
+            "limits": limits, "skipped": SKIPPED, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "commit": _commit(), "command": " ".join(["python", *sys.argv]),
             "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs]}
+
+
+def _commit() -> str:
+    """HEAD, and which moe_edge/ files differ from it (they change what is measured)."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "moe_edge").splitlines()
+    return git("rev-parse", "--short", "HEAD") + (f" + uncommitted {', '.join(l[3:] for l in dirty)}" if dirty else "")
 
 
 def main() -> None:
