@@ -102,5 +102,15 @@ def test_auto_plans_within_the_group(tmp_path):
     slots, margin, _ = slots_for("auto", device=CPU, resident=100 * MiB, kv=20 * MiB,
                                  expert_bytes=MiB, moe_layers=27, experts=64, top_k=6,
                                  available=seen)
-    assert (seen, margin) == (1000 * MiB, 512 * MiB)
-    assert slots == (1000 - 100 - 20 - 512) // 27 == 13  # the host's free memory would give 64
+    assert (seen, margin) == (1000 * MiB, 256 * MiB)
+    assert slots == (1000 - 100 - 20 - 256) // 27 == 23  # the host's free memory would give 64
+
+
+def test_kv_cache_is_planned_for_no_more_positions_than_the_model_has():
+    from moe_edge.config import config_from_dict
+    from moe_edge.offload.plan import kv_cache_bytes
+    from moe_edge.testing import deepseek_config
+    config = config_from_dict(deepseek_config(max_position_embeddings=2048))
+    per_token = kv_cache_bytes(config, 1, torch.float32)
+    assert kv_cache_bytes(config, 4096, torch.float32) == 2048 * per_token
+    assert kv_cache_bytes(config, 1000, torch.float32) == 1000 * per_token

@@ -161,8 +161,16 @@ def _stat(path: Path, key: str) -> int:
     return 0
 
 
+# What "auto" keeps free beyond the plan: `available` is measured inside the process once the
+# interpreter, torch and the tokenizer are loaded, so what is left is transient (activations,
+# allocator slack; ~25 MiB on the 16B-sized demo under a 1.3 GiB cgroup), and under a
+# container's limit every MiB held back is a MiB of experts read again from disk.
+MARGIN_MIN = 256 * 2**20
+
+
 def kv_cache_bytes(config, context: int, dtype: torch.dtype) -> int:
-    """Keys and values for `context` tokens, every layer, batch 1."""
+    """Keys and values for `context` tokens (at most the model's positions), every layer, batch 1."""
+    context = min(context, config.max_position_embeddings)
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * dtype.itemsize
 
 
@@ -182,7 +190,7 @@ def slots_for(expert_cache, *, device: torch.device, resident: int, kv: int, exp
     else:
         if expert_cache == "auto":
             seen = available_memory(device) if available is None else available
-            margin = max(512 * 2**20, seen // 10)
+            margin = max(MARGIN_MIN, seen // 20)
             budget = seen - resident - kv - margin
         else:
             budget = parse_size(expert_cache)
