@@ -23,6 +23,7 @@ from .model import MoEForCausalLM
 from .info import keeps_bf16
 from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
+from .offload.policy import DEFAULT as DEFAULT_POLICY
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
 from .quant.int8 import check_lm_head, head_in_int8, int8_lm_head
@@ -196,7 +197,7 @@ class OffloadRuntime:
 
 def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert_cache="auto",
                    prefetch_depth: int = 1, prefetch_width: int | None = None,
-                   prefetch: str = "auto", policy: str = "lrfu", slow_tier: str = "auto",
+                   prefetch: str = "auto", policy: str = DEFAULT_POLICY, slow_tier: str = "auto",
                    dtype: str | torch.dtype | None = None, kernel: str = "auto", context: int = 4096,
                    offload_dir: str | Path | None = None, threaded: bool = True, reads: int = 4,
                    bf16_weights: bool | None = None, lm_head: str = "auto") -> LoadedModel:

@@ -196,8 +196,8 @@ def tiny_cache(slots, experts=6, gate=None, threaded=False, reads=4):
     store = CountingStore(bufs[0].numel(), experts, gate=gate)
     for e, buf in enumerate(bufs):
         store.write(e, buf)
-    return ExpertCache(store, layouts, lambda l, e: e, slots, torch.device("cpu"), 8, 4, threaded=threaded,
-                       reads=reads), store
+    return ExpertCache(store, layouts, lambda l, e: e, slots, torch.device("cpu"), 8, 4, policy="lru",
+                       threaded=threaded, reads=reads), store
 
 
 def run(cache, ids):

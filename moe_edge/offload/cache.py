@@ -23,7 +23,7 @@ import torch
 from ..model.layers import MLP
 from ..model.moe import ExpertInput
 from ..quant.experts import apply_together
-from .policy import POLICIES
+from .policy import DEFAULT, POLICIES
 from .stats import LayerStats, OffloadStats
 from .store import ExpertLayout, expert_from_buffer
 
@@ -138,7 +138,7 @@ class ExpertCache:
 
     def __init__(self, store, layouts: dict[tuple[int, int], ExpertLayout],
                  index_of: Callable[[int, int], int], slots_per_layer: int, device: torch.device,
-                 hidden: int, width: int, policy: str = "lru", threaded: bool = True, reads: int = 4):
+                 hidden: int, width: int, policy: str = DEFAULT, threaded: bool = True, reads: int = 4):
         self.store, self.layouts, self.index_of = store, layouts, index_of
         self.device, self.hidden, self.width = device, hidden, width
         self.slots_per_layer = slots_per_layer

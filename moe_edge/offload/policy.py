@@ -108,3 +108,4 @@ class LRFU(LRU):
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "lfuda": LFUDA, "lrfu": LRFU}
+DEFAULT = "lrfu"  # fewest misses on recorded routing (docs/performance.md)

@@ -28,7 +28,7 @@ class PrefetchGovernor:
     """
 
     def __init__(self, epoch: int = 8, explore: int = 3, exploit: int = 192, keep: int = 6):
-        self.epoch, self.explore, self.exploit, self.keep = epoch, explore, exploit, keep
+        self.epoch, self.exploit, self.keep = epoch, exploit, keep
         self.times: dict[bool, list[float]] = {True: [], False: []}  # per-epoch median step time
         self.plan: list[bool] = [m for _ in range(explore) for m in (True, False)]  # epochs to measure
         self.on, self.left, self.measuring = True, 0, False
