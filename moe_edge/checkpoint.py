@@ -25,6 +25,37 @@ MANIFEST = "writer_manifest.json"  # only in a resumable writer's work folder
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def read_json_object(file: Path, what: str):
+    """A JSON object from `file`, with a one-line CheckpointError naming it when the file is
+    not UTF-8 JSON, is not an object, or repeats a key (json.loads would keep the last)."""
+    def no_repeats(pairs):
+        keys = [k for k, _ in pairs]
+        repeated = next((k for k in keys if keys.count(k) > 1), None)
+        if repeated is not None:
+            raise CheckpointError(f"{file}: key {repeated!r} appears twice; {what} must name "
+                                  "each key once")
+        return dict(pairs)
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=no_repeats)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}); restore {what} from the original "
+                              "checkpoint") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: is a JSON {type(raw).__name__}, but {what} must be a JSON "
+                              "object; restore it from the original checkpoint")
+    return raw
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The index's weight_map {tensor name: shard file name}, checked for its types."""
+    weight_map = read_json_object(index, "a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> shard "
+                              "file name; restore the index from the original checkpoint")
+    return weight_map
+
+
 class CheckpointReader:
     """Tensors of a single-file or sharded safetensors checkpoint, read one at a time.
 
@@ -40,28 +71,60 @@ class CheckpointReader:
         self._file_of = self._locate_tensors()
 
     def _locate_tensors(self) -> dict[str, Path]:
-        index = self.folder / INDEX_FILE
+        """transformers' resolution: the index, else model.safetensors, else the one
+        *.safetensors file; a tensor name in two of the files read is refused."""
+        index, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
         if index.exists():
-            return self._read_index(index)
+            return self._read_index(index, single)
+        if single.exists():
+            return self._names_in([single])
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(self._no_safetensors_message())
-        return {name: f for f in files for name in self._open(f).keys()}
+        if len(files) > 1:
+            raise CheckpointError(f"{self.folder}: {len(files)} *.safetensors files ({files[0].name}, "
+                                  f"{files[1].name}, ...) but no {INDEX_FILE} or {SINGLE_FILE}; add "
+                                  "the index that says which file holds each tensor, or keep one file")
+        return self._names_in(files)
 
-    def _read_index(self, index: Path) -> dict[str, Path]:
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}); it needs a "
-                                  "'weight_map' of tensor name -> shard file") from None
-        located = {}
-        for name, shard in weight_map.items():
-            path = self.folder / shard
-            if not path.exists():
-                raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} is missing; "
-                                      "download the complete checkpoint")
-            located[name] = path
+    def _names_in(self, files: list[Path]) -> dict[str, Path]:
+        located: dict[str, Path] = {}
+        for f in files:
+            for name in self._open(f).keys():
+                if name in located:
+                    raise CheckpointError(f"{self.folder}: tensor {name!r} is in both "
+                                          f"{located[name].name} and {f.name}; a tensor must have "
+                                          "one source - remove the stale file")
+                located[name] = f
         return located
+
+    def _read_index(self, index: Path, single: Path) -> dict[str, Path]:
+        weight_map = read_weight_map(index)
+        shards = {shard: self._shard_path(index, shard) for shard in set(weight_map.values())}
+        if single.exists() and SINGLE_FILE not in shards:
+            raise CheckpointError(f"{self.folder}: both {INDEX_FILE} and {SINGLE_FILE}, which the "
+                                  "index does not list; transformers would read the single file, "
+                                  "moe-edge the index - remove the stale one")
+        in_shards = self._names_in(sorted(shards.values()))
+        for name, shard in weight_map.items():
+            if in_shards.get(name) != shards[shard]:
+                raise CheckpointError(f"{index}: weight_map puts tensor {name!r} in {shard}, which "
+                                      "has no such tensor; the index and shards disagree - "
+                                      "download the checkpoint again")
+        self.release()  # headers checked; shards reopen on the first read
+        return {name: shards[shard] for name, shard in weight_map.items()}
+
+    def _shard_path(self, index: Path, shard: str) -> Path:
+        """A shard named by the index: a plain file name beside it, nothing else (no ../, no
+        absolute path). The file itself may be a symlink, as in the Hugging Face cache."""
+        if Path(shard).name != shard or shard in (".", "..") or "\0" in shard:
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file name in the model folder; "
+                                  "an index may only name files beside it")
+        path = self.folder / shard
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} is missing; "
+                                  "download the complete checkpoint")
+        return path
 
     def _no_safetensors_message(self) -> str:
         pickles = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -92,6 +155,10 @@ class CheckpointReader:
 
     def keys(self) -> list[str]:
         return list(self._file_of)
+
+    def files(self) -> list[Path]:
+        """The weight files this checkpoint is read from (what a fingerprint must cover)."""
+        return sorted(set(self._file_of.values()))
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
