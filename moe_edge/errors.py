@@ -11,3 +11,7 @@ class ConfigError(MoeEdgeError, ValueError):
 
 class CheckpointError(MoeEdgeError):
     """A checkpoint folder or weight file that is missing, truncated, unsafe or wrongly shaped."""
+
+
+class StoreError(MoeEdgeError):
+    """The expert store (a cache moe-edge builds from a checkpoint) is damaged or cannot be written."""

@@ -3,15 +3,24 @@ layout (on the fast device, since CUDA's int4 layout is made there) and written 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: builds there are not locked
+    fcntl = None
+
+from ..checkpoint import CheckpointReader
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StoreError
 from ..memory import trim_heap
 from ..model import layers
 from ..model.layers import MLP, keep_bf16
@@ -21,7 +30,10 @@ from ..quant.load import read_gptq
 from ..quant.qlinear import QuantLinear, use_quant_mlps
 from .store import PAGE, PROJECTIONS, DiskStore, Entry, ExpertLayout, RamStore, pack_expert
 
-STORE_VERSION = 3  # bump when the on-disk expert layout changes (2: bf16 "dense16"; 3: fused gate_up)
+STORE_VERSION = 4  # bump when the on-disk expert layout changes (2: bf16 "dense16"; 3: fused gate_up;
+#                   4: a CRC-32 per expert record)
+STORE_FILE, LAYOUTS_FILE = "experts.bin", "layouts.json"  # layouts.json is written last: complete
+log = logging.getLogger(__name__)
 
 
 def expert_module(weights: WeightMap, config: ModelConfig, quant: QuantConfig | None, layer: int,
@@ -53,19 +65,42 @@ def build_store(weights: WeightMap, config: ModelConfig, quant: QuantConfig | No
     A disk store is a cache: it lives in `offload_dir` (default $MOE_EDGE_CACHE or
     ~/.cache/moe-edge/experts) under a fingerprint of the checkpoint files and the kernel
     settings, and a later load with the same fingerprint reuses it instead of converting
-    every expert again (minutes for a 16B model).
+    every expert again (minutes for a 16B model). It is opened and built under an exclusive
+    lock (a second process waits, then reuses it), written to a temporary file renamed into
+    place, and rebuilt, with a notice, when it is damaged, truncated or of an older version.
     """
     moe_ids = config.moe_layer_ids
     index_of = lambda layer, expert: moe_ids.index(layer) * config.num_experts + expert  # noqa: E731
-    if slow_tier == "disk":
-        folder = Path(offload_dir or os.environ.get("MOE_EDGE_CACHE") or Path.home() / ".cache" / "moe-edge" / "experts")
-        folder = folder / fingerprint(weights.reader.folder, device, dtype, kernel, keep16)
+    convert = lambda folder: _convert(weights, config, quant, device, dtype, kernel, slow_tier,  # noqa: E731
+                                      folder, index_of, keep16)
+    if slow_tier != "disk":
+        return (*convert(None), index_of)
+    folder = Path(offload_dir or os.environ.get("MOE_EDGE_CACHE") or Path.home() / ".cache" / "moe-edge" / "experts")
+    folder = folder / fingerprint(weights.reader, device, dtype, kernel, keep16)
+    with _locked(folder):
         cached = _open_cached(folder)
-        if cached is not None:
-            return (*cached, index_of)
-    store, layouts = _convert(weights, config, quant, device, dtype, kernel, slow_tier,
-                              folder if slow_tier == "disk" else None, index_of, keep16)
-    return store, layouts, index_of
+        return (*(cached or convert(folder)), index_of)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive flock on `folder/.lock` while the store is checked, built or opened."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StoreError(f"{folder}: cannot create the expert store folder ({e.strerror}); choose "
+                         "another folder (offload_dir or $MOE_EDGE_CACHE)") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process that is building the expert store %s", folder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _convert(weights, config, quant, device, dtype, kernel, slow_tier, folder, index_of, keep16):
@@ -76,57 +111,113 @@ def _convert(weights, config, quant, device, dtype, kernel, slow_tier, folder, i
     slack = 3 * 8 * max(config.hidden_size, config.moe_intermediate_size) if quant and quant.desc_act else 0
     stride = -(-(first.numel() + slack) // PAGE) * PAGE  # room for an act-order permutation
     count = len(moe_ids) * E
-    if folder is not None:
-        store = DiskStore(folder / "experts.bin.partial", stride, count)
-    else:
-        store = RamStore(stride, count, pin=device.type == "cuda")
+    store = _new_disk_store(folder, stride, count) if folder else RamStore(stride, count, pin=device.type == "cuda")
     layouts: dict[tuple[int, int], ExpertLayout] = {}
-    for layer in moe_ids:
-        for e in range(E):
-            layout, buf = (first_layout, first) if (layer, e) == (moe_ids[0], 0) else pack_expert(module(layer, e))
-            if buf.numel() > stride:
-                raise CheckpointError(f"expert {e} of layer {layer} needs {buf.numel()} bytes, more "
-                                      f"than the {stride} of the first expert; experts of one model "
-                                      "must have the same shapes")
-            store.write(index_of(layer, e), buf)
-            layouts[(layer, e)] = layout
-        weights.reader.release()  # unmap what this layer's experts touched
-        trim_heap()  # and give back the conversion temporaries
-    if folder is not None:
-        store.finish_writing()
-        store.rename(folder / "experts.bin")
-        _save_layouts(folder, stride, count, layouts)  # written last: marks the store complete
+    try:
+        for layer in moe_ids:
+            for e in range(E):
+                layout, buf = (first_layout, first) if (layer, e) == (moe_ids[0], 0) else pack_expert(module(layer, e))
+                if buf.numel() > stride:
+                    raise CheckpointError(f"expert {e} of layer {layer} needs {buf.numel()} bytes, more "
+                                          f"than the {stride} of the first expert; experts of one model "
+                                          "must have the same shapes")
+                store.write(index_of(layer, e), buf)
+                layouts[(layer, e)] = layout
+            weights.reader.release()  # unmap what this layer's experts touched
+            trim_heap()  # and give back the conversion temporaries
+        if folder is not None:
+            store.finish_writing()
+            store.rename(folder / STORE_FILE)
+            _save_layouts(folder, stride, count, layouts, store.checksums)  # last: marks it complete
+    except BaseException as e:
+        if folder is not None:
+            _discard(store)
+            if isinstance(e, OSError):
+                raise _write_error(store.path, stride * count, e) from None
+        raise
     return store, layouts
 
 
-def fingerprint(model: Path, device: torch.device, dtype: torch.dtype, kernel: str,
+def _new_disk_store(folder: Path, stride: int, count: int) -> DiskStore:
+    for stale in folder.glob(STORE_FILE + ".tmp-*"):  # left by a killed build (we hold the lock)
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=STORE_FILE + ".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        return DiskStore(tmp, stride, count, marker=folder / LAYOUTS_FILE)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(Path(tmp), stride * count, e) from None
+
+
+def _discard(store: DiskStore) -> None:
+    os.close(store.fd)
+    if store.path.name != STORE_FILE:
+        store.path.unlink(missing_ok=True)
+
+
+def _write_error(path: Path, size: int, e: OSError) -> StoreError:
+    return StoreError(f"{path}: cannot write the expert store ({e.strerror or e}); it needs "
+                      f"{size / 2**30:.2f} GiB - free space there or choose another folder "
+                      "(offload_dir or $MOE_EDGE_CACHE); the partial file was removed")
+
+
+def fingerprint(reader: CheckpointReader, device: torch.device, dtype: torch.dtype, kernel: str,
                 keep16: bool = False) -> str:
     """Changes when the checkpoint files or the conversion settings change."""
     bf16 = keep16 and layers.BF16_MIN_LINEAR  # which weights stay bf16
-    h = hashlib.sha256(f"{STORE_VERSION}|{Path(model).resolve()}|{device.type}|{dtype}|{kernel}|{bf16}".encode())
-    for f in sorted(Path(model).glob("*.safetensors")) + [Path(model) / "config.json"]:
+    model = Path(reader.folder)
+    h = hashlib.sha256(f"{STORE_VERSION}|{model.resolve()}|{device.type}|{dtype}|{kernel}|{bf16}".encode())
+    for f in reader.files() + [model / "config.json"]:
         st = f.stat()
         h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
 
 
-def _save_layouts(folder: Path, stride: int, count: int, layouts: dict) -> None:
+def _save_layouts(folder: Path, stride: int, count: int, layouts: dict, checksums: list[int]) -> None:
     items = [[l, e, [[x.name, str(x.dtype).removeprefix("torch."), list(x.shape), x.offset] for x in lay.entries],
               [list(spec) for spec in lay.specs], lay.nbytes, list(lay.projections)]
              for (l, e), lay in sorted(layouts.items())]
-    tmp = folder / "layouts.json.tmp"
-    tmp.write_text(json.dumps({"version": STORE_VERSION, "stride": stride, "count": count, "experts": items}))
-    os.replace(tmp, folder / "layouts.json")
+    tmp = folder / (LAYOUTS_FILE + ".tmp")
+    tmp.write_text(json.dumps({"version": STORE_VERSION, "stride": stride, "count": count,
+                               "checksums": checksums, "experts": items}))
+    os.replace(tmp, folder / LAYOUTS_FILE)
 
 
 def _open_cached(folder: Path):
+    """(store, layouts) of a complete store in `folder`, else None (with a notice when one
+    was there but damaged, truncated or of another version: it is rebuilt)."""
+    layouts_file, store_file = folder / LAYOUTS_FILE, folder / STORE_FILE
+    if not layouts_file.exists():
+        if store_file.exists():
+            log.warning("expert store %s is incomplete (no %s); rebuilding it", folder, LAYOUTS_FILE)
+        return None
     try:
-        raw = json.loads((folder / "layouts.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = json.loads(layouts_file.read_text())
+        problem = _store_problem(raw, store_file)
+        if problem is None:
+            layouts = {(l, e): ExpertLayout(tuple(Entry(n, getattr(torch, d), tuple(s), o) for n, d, s, o in entries),
+                                            tuple(tuple(spec) for spec in specs), nbytes, tuple(projections))
+                       for l, e, entries, specs, nbytes, projections in raw["experts"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"{LAYOUTS_FILE} is unreadable ({type(e).__name__})"
+    if problem is not None:
+        log.warning("expert store %s: %s; rebuilding it", folder, problem)
+        layouts_file.unlink(missing_ok=True)
         return None
-    if raw.get("version") != STORE_VERSION or not (folder / "experts.bin").exists():
-        return None
-    layouts = {(l, e): ExpertLayout(tuple(Entry(n, getattr(torch, d), tuple(s), o) for n, d, s, o in entries),
-                                    tuple(tuple(spec) for spec in specs), nbytes, tuple(projections))
-               for l, e, entries, specs, nbytes, projections in raw["experts"]}
-    return DiskStore(folder / "experts.bin", raw["stride"], raw["count"], create=False), layouts
+    store = DiskStore(store_file, raw["stride"], raw["count"], create=False,
+                      checksums=raw["checksums"], marker=layouts_file)
+    return store, layouts
+
+
+def _store_problem(raw: dict, store_file: Path) -> str | None:
+    if raw.get("version") != STORE_VERSION:
+        return f"format version {raw.get('version')!r}, this moe-edge writes {STORE_VERSION}"
+    if not store_file.exists():
+        return f"{STORE_FILE} is missing"
+    size, expected = store_file.stat().st_size, raw["stride"] * raw["count"]
+    if size != expected:
+        return f"{STORE_FILE} is {size} bytes, {LAYOUTS_FILE} says {expected} (truncated?)"
+    if len(raw["checksums"]) != raw["count"] or len(raw["experts"]) != raw["count"]:
+        return f"{LAYOUTS_FILE} lists {len(raw['experts'])} experts for {raw['count']} records"
+    return None

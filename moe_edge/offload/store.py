@@ -12,13 +12,16 @@ the page cache cannot quietly hold the experts the budget leaves out).
 
 from __future__ import annotations
 
+import errno
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import StoreError
 from ..model.layers import MLP, Linear16
 from ..quant.qlinear import QuantLinear, QuantMLP, use_quant_mlps
 
@@ -135,20 +138,27 @@ class RamStore:
 
 
 class DiskStore:
-    """All experts in one file; a load is one positioned read into the slot's buffer."""
+    """All experts in one file; a load is one positioned read into the slot's buffer.
+
+    Each record (one expert, `stride` bytes) has a CRC-32 taken when it was written; the
+    first read of a record in this process checks it (zlib.crc32 runs at ~3.8 GB/s here:
+    ~1.2 ms for a 4.5 MB expert, once). A mismatch removes `marker` (the file that marks the
+    store complete), so the next load rebuilds the store, and raises StoreError.
+    """
 
     kind = "disk"
 
-    def __init__(self, path: str | Path, stride: int, count: int, create: bool = True):
+    def __init__(self, path: str | Path, stride: int, count: int, create: bool = True,
+                 checksums: list[int] | None = None, marker: Path | None = None):
         self.path, self.stride, self.count = Path(path), stride, count
+        self.checksums = [0] * count if create else checksums
+        self.marker = marker
+        self._verified = bytearray(count)  # records whose checksum this process has checked
         if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(self.fd, stride * count)
+            _allocate(self.fd, stride * count)
         else:
             self.fd = os.open(self.path, os.O_RDONLY)
-            if os.fstat(self.fd).st_size != stride * count:
-                raise OSError(f"{self.path}: size does not match its layouts.json; delete the folder")
         if hasattr(os, "posix_fadvise"):
             # no readahead: it would pull neighbouring experts into the page cache, memory
             # the budget does not count (measured: half the small model's loads came from it)
@@ -159,7 +169,11 @@ class DiskStore:
         self.path = path
 
     def write(self, index: int, buf: torch.Tensor) -> None:
-        os.pwrite(self.fd, buf.numpy().tobytes(), index * self.stride)
+        record = buf.numpy().tobytes().ljust(self.stride, b"\0")  # the padding is checksummed too
+        self.checksums[index] = zlib.crc32(record)
+        done = 0
+        while done < len(record):  # pwrite may write short counts
+            done += os.pwrite(self.fd, memoryview(record)[done:], index * self.stride + done)
 
     def finish_writing(self) -> None:
         os.fsync(self.fd)
@@ -176,9 +190,21 @@ class DiskStore:
         while done < self.stride:  # pread may return short counts
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
-                raise OSError(f"{self.path}: short read at byte {offset + done}")
+                raise StoreError(f"{self.path}: short read at byte {offset + done} (the file was "
+                                 "truncated); run again and the store is rebuilt")
             done += n
         self.drop_cache(offset, self.stride)
+        if not self._verified[index]:
+            self._verify(index, view)
+
+    def _verify(self, index: int, view: memoryview) -> None:
+        if zlib.crc32(view) != self.checksums[index]:
+            if self.marker is not None:
+                self.marker.unlink(missing_ok=True)
+            raise StoreError(f"{self.path}: expert record {index} fails its checksum (the file "
+                             "changed on disk); the store is marked stale - run again and it is "
+                             "rebuilt from the checkpoint")
+        self._verified[index] = 1
 
     def nbytes(self) -> int:
         return self.stride * self.count
@@ -186,3 +212,14 @@ class DiskStore:
     def close(self) -> None:
         """Closes the file; it stays, as a cache for the next load of the same checkpoint."""
         os.close(self.fd)
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks now, so a full disk fails here and not minutes into a build."""
+    os.ftruncate(fd, size)
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without it
+                raise

@@ -1,0 +1,155 @@
+"""The expert store is verified: a CRC-32 per expert record checked on its first read, a
+build under an exclusive lock into a temporary file, a rebuild (with a notice) of a store
+that is damaged, truncated or of an older version, and nothing left behind by a full disk."""
+
+import errno
+import json
+import logging
+import os
+import threading
+
+import pytest
+import torch
+
+from moe_edge.api import load_offloaded
+from moe_edge.checkpoint import CheckpointReader
+from moe_edge.config import load_config
+from moe_edge.errors import StoreError
+from moe_edge.model.weights import WeightMap
+from moe_edge.offload import build
+from moe_edge.offload.build import build_store
+from moe_edge.testing import write_checkpoint, write_gptq_checkpoint
+
+PROMPT = "verified"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    src = write_checkpoint(root / "fp", "deepseek", hidden_size=64, moe_intermediate_size=32)
+    return write_gptq_checkpoint(src, root / "q", group_size=32)
+
+
+def run(model, folder, **kw):
+    lm = load_offloaded(model, device="cpu", expert_cache=3, slow_tier="disk", offload_dir=folder,
+                        prefetch_depth=0, **kw)
+    try:
+        return lm.generate(PROMPT, temperature=0, max_new_tokens=8).token_ids
+    finally:
+        lm.offload.close()
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    return run(model, tmp_path_factory.mktemp("ref-store"))
+
+
+def store_folder(root):
+    (folder,) = [p.parent for p in root.glob("*/experts.bin")]
+    return folder
+
+
+def test_flipped_bytes_are_caught_and_the_store_is_rebuilt(model, reference, tmp_path, caplog):
+    run(model, tmp_path)
+    folder = store_folder(tmp_path)
+    raw = json.loads((folder / "layouts.json").read_text())
+    with open(folder / "experts.bin", "r+b") as f:  # one byte in every record
+        for i in range(raw["count"]):
+            f.seek(i * raw["stride"] + 100)
+            byte = f.read(1)
+            f.seek(i * raw["stride"] + 100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StoreError, match=r"experts.bin: expert record \d+ fails its checksum"):
+        run(model, tmp_path)
+    assert not (folder / "layouts.json").exists()  # marked stale
+    with caplog.at_level(logging.WARNING, logger="moe_edge.offload.build"):
+        assert run(model, tmp_path) == reference
+    assert "rebuilding" in caplog.text
+
+
+@pytest.mark.parametrize("damage, notice", [
+    (lambda f: os.truncate(f / "experts.bin", os.path.getsize(f / "experts.bin") // 2), "truncated"),
+    (lambda f: (f / "layouts.json").write_text("{"), "unreadable"),
+    (lambda f: (f / "layouts.json").write_text(json.dumps(
+        {**json.loads((f / "layouts.json").read_text()), "version": 3})), "format version 3"),
+    (lambda f: (f / "layouts.json").unlink(), "incomplete"),
+])
+def test_damaged_truncated_or_old_store_is_rebuilt_with_a_notice(model, reference, tmp_path, caplog,
+                                                                 damage, notice):
+    run(model, tmp_path)
+    damage(store_folder(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="moe_edge.offload.build"):
+        assert run(model, tmp_path) == reference
+    assert notice in caplog.text and "rebuilding it" in caplog.text
+    assert sorted(p.name for p in store_folder(tmp_path).iterdir()) == [".lock", "experts.bin", "layouts.json"]
+
+
+def build_args(model):
+    config = load_config(model)
+    from moe_edge.quant.format import read_quant_config
+    return (WeightMap(CheckpointReader(model), config), config, read_quant_config(model),
+            torch.device("cpu"), torch.float32, "auto", "disk")
+
+
+def test_concurrent_builds_convert_once_and_agree(model, tmp_path, monkeypatch):
+    """Two builders at once: the second waits on the lock, then opens the first's store."""
+    converted, real = [], build.expert_module
+    monkeypatch.setattr(build, "expert_module", lambda *a, **k: converted.append(a[3:5]) or real(*a, **k))
+    results, errors = [], []
+
+    def one():
+        try:
+            store, layouts, _ = build_store(*build_args(model), offload_dir=tmp_path)
+            data = [bytearray(store.stride) for _ in range(store.count)]
+            for i, d in enumerate(data):
+                store.read_into(i, torch.frombuffer(d, dtype=torch.uint8))
+            results.append(data)
+            store.close()
+        except BaseException as e:  # reported below
+            errors.append(e)
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    config = load_config(model)
+    assert len(converted) == len(config.moe_layer_ids) * config.num_experts  # converted once
+    assert not list(store_folder(tmp_path).glob("experts.bin.tmp-*"))
+
+
+def test_a_held_lock_makes_the_build_wait(model, tmp_path, caplog):
+    import fcntl
+    folder = tmp_path / build.fingerprint(CheckpointReader(model), torch.device("cpu"), torch.float32, "auto")
+    folder.mkdir()
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    done = threading.Event()
+    with caplog.at_level(logging.INFO, logger="moe_edge.offload.build"):
+        t = threading.Thread(target=lambda: (build_store(*build_args(model), offload_dir=tmp_path)[0].close(),
+                                             done.set()))
+        t.start()
+        assert not done.wait(1.0)  # blocked on the lock
+        os.close(fd)
+        t.join()
+    assert done.is_set() and "waiting for another process" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["pwrite", "posix_fallocate"])
+def test_full_disk_leaves_no_partial_file_and_names_the_path(model, tmp_path, monkeypatch, where):
+    calls = []
+    real = getattr(os, where)
+
+    def full(*a):
+        calls.append(1)
+        if len(calls) > 1 or where == "posix_fallocate":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*a)
+    monkeypatch.setattr(os, where, full)
+    with pytest.raises(StoreError, match=r"experts.bin.tmp-\w+: cannot write the expert store "
+                                         r"\(No space left on device\); it needs .* GiB") as e:
+        run(model, tmp_path)
+    assert "partial file was removed" in str(e.value)
+    monkeypatch.undo()
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert leftovers == []
