@@ -207,6 +207,33 @@ def shard_name(i: int, n: int) -> str:
     return SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def stat_signature(files: Iterable[Path]) -> str:
+    """Name, size and mtime of each file: what fingerprints of a checkpoint's files hash."""
+    return "".join(f"|{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def partial_folder(out: str | Path) -> Path:
+    """Where a resumable writer for `out` keeps its work: `.OUT.partial` beside it."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
+
+
+def refuse_overlap(source: str | Path, out: str | Path) -> None:
+    """An output folder that is, contains or lies inside `source` (symlinks resolved) is
+    refused: replacing it, or writing beside it, would touch the source's own files."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src:
+        how = "is the source folder"
+    elif dst in src.parents:
+        how = "contains the source folder"
+    elif src in dst.parents:
+        how = "lies inside the source folder"
+    else:
+        return
+    raise CheckpointError(f"{out}: the output {how} {source}; choose an output folder outside it "
+                          "(the source is never written to)")
+
+
 class ShardedWriter:
     """Writes tensors into size-capped safetensors shards plus an index, atomically.
 
@@ -235,7 +262,7 @@ class ShardedWriter:
         self._mode = 0o777 & ~_umask()
         self.resumable = resumable
         if resumable:
-            self.tmp = self.out.with_name(f".{self.out.name}.partial")
+            self.tmp = partial_folder(self.out)
             self.tmp.mkdir(exist_ok=True)
         else:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
@@ -264,10 +291,13 @@ class ShardedWriter:
         manifest = self.tmp / MANIFEST
         if not manifest.exists():
             return None
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-        self._shards = data["shards"]
-        self._names = {n for names in self._shards for n in names}
-        self._total_bytes = data["total_bytes"]
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            self._shards, self._total_bytes = data["shards"], data["total_bytes"]
+            self._names = {n for names in self._shards for n in names}
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{manifest}: unreadable ({type(e).__name__}); the partial run "
+                                  f"cannot be resumed - delete {self.tmp} and start again") from None
         for i in range(len(self._shards)):
             if not (self.tmp / f"shard-{i}.tmp").exists():
                 raise CheckpointError(f"{self.tmp}: shard-{i}.tmp is missing; the partial run "

@@ -12,7 +12,9 @@ layer's inputs are recorded, so `resume=True` continues an interrupted run exact
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import resource
 import shutil
 import statistics
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointReader, ShardedWriter
+from ..checkpoint import (MANIFEST, CheckpointReader, ShardedWriter, partial_folder, refuse_overlap,
+                          stat_signature)
 from ..config import ModelConfig, load_config
 from ..errors import ConfigError, MoeEdgeError
 from ..memory import trim_heap
@@ -39,6 +42,7 @@ from .layer import LayerOptions, LayerQuantizer, layer_rotary
 COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,18 +101,25 @@ def default_output(model: str | Path, options: QuantizeOptions) -> Path:
 
 
 def quantize(model: str | Path, out: str | Path | None = None, options: QuantizeOptions = QuantizeOptions(),
-             overwrite: bool = False, resume: bool = False,
+             overwrite: bool = False, resume: bool = False, discard_partial: bool = False,
              progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
-    """Quantise checkpoint folder `model` into `out` (default `<model>-gptq-w4g128`)."""
+    """Quantise checkpoint folder `model` into `out` (default `<model>-gptq-w4g128`).
+
+    `out` may not be, contain or lie inside `model`. An interrupted run leaves `.OUT.partial`
+    beside `out`: `resume` continues it (refused when the source files, config or options
+    changed since); without `resume` it is refused unless `discard_partial` deletes it.
+    """
     model = Path(model)
     out = Path(out) if out is not None else default_output(model, options)
+    refuse_overlap(model, out)
     config, weights = _open_source(model)
+    source = source_fingerprint(model, weights.reader)
     tokenizer = load_tokenizer(model)
     ids = calibration_windows(tokenizer, read_texts(options.calib), options.calib_samples,
                               options.calib_seq_len, options.seed)
-    _prepare_partial(out, resume)
+    _prepare_partial(out, resume, discard_partial)
     with ShardedWriter(out, overwrite=overwrite, resumable=True) as writer:
-        run = _Run(config, weights, options, writer, ids)
+        run = _Run(config, weights, options, writer, ids, source)
         run.layers(progress)
         run.finish(model)
         writer.commit()
@@ -123,20 +134,34 @@ def _open_source(model: Path) -> tuple[ModelConfig, WeightMap]:
     return config, WeightMap(CheckpointReader(model), config)
 
 
-def _prepare_partial(out: Path, resume: bool) -> None:
-    partial = out.with_name(f".{out.name}.partial")
-    if resume and not (partial / "writer_manifest.json").exists():
+def source_fingerprint(model: Path, reader: CheckpointReader) -> str:
+    """Changes when the source's weight files (name, size, mtime) or config.json change."""
+    h = hashlib.sha256((model / "config.json").read_bytes())
+    h.update(stat_signature(reader.files()).encode())
+    return h.hexdigest()[:20]
+
+
+def _prepare_partial(out: Path, resume: bool, discard: bool) -> None:
+    partial = partial_folder(out)
+    manifest = partial / MANIFEST
+    if resume and not manifest.exists():
         raise MoeEdgeError(f"{out}: there is no interrupted run to resume; run without --resume")
-    if not resume and partial.exists():
-        shutil.rmtree(partial)
+    if resume or not partial.exists():
+        return
+    if manifest.exists() and not discard:
+        raise MoeEdgeError(f"{partial}: an interrupted run of {out.name} is there; run again with "
+                           "--resume to continue it, or delete that folder to start over")
+    log.info("removing %s (%s)", partial, "discarded" if manifest.exists() else "no finished layer")
+    shutil.rmtree(partial)
 
 
 class _Run:
     """The state of one quantisation: the activations flowing layer to layer, the report."""
 
     def __init__(self, config: ModelConfig, weights: WeightMap, options: QuantizeOptions,
-                 writer: ShardedWriter, ids: torch.Tensor):
+                 writer: ShardedWriter, ids: torch.Tensor, source: str):
         self.config, self.weights, self.opts, self.writer = config, weights, options, writer
+        self.source = source
         self.device = torch.device(options.device)
         self.cos, self.sin = (t.to(self.device) for t in layer_rotary(config, ids.shape[1]))
         self.t0 = time.perf_counter()
@@ -148,9 +173,13 @@ class _Run:
             self.hidden, self.next_layer = self._embed(ids), 0
             self._write_unquantized()
         else:
+            if state.get("source") != source:
+                raise MoeEdgeError(f"{writer.tmp}: the interrupted run was made from other source "
+                                   "files (or the source's weights or config.json changed since); "
+                                   "delete that folder and run without --resume")
             if state["options"] != asdict(options):
                 raise MoeEdgeError(f"{writer.out}: the interrupted run used other options; rerun "
-                                   "with the same options, or without --resume")
+                                   f"with the same options, or delete {writer.tmp} to start over")
             self.report, self.next_layer = state["report"], state["next_layer"]
             self.block_modules = set(state["block_modules"])
             self.hidden = load_file(str(writer.tmp / state["hidden"]))["hidden"]
@@ -215,9 +244,9 @@ class _Run:
         hidden_file = f"hidden-{next_layer}.safetensors"
         save_file({"hidden": self.hidden.contiguous()}, str(self.writer.tmp / hidden_file))
         self.report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        self.writer.checkpoint({"options": asdict(self.opts), "next_layer": next_layer,
-                                "hidden": hidden_file, "report": self.report,
-                                "block_modules": sorted(self.block_modules)})
+        self.writer.checkpoint({"options": asdict(self.opts), "source": self.source,
+                                "next_layer": next_layer, "hidden": hidden_file,
+                                "report": self.report, "block_modules": sorted(self.block_modules)})
         for old in self.writer.tmp.glob("hidden-*.safetensors"):
             if old.name != hidden_file:
                 old.unlink()
@@ -291,6 +320,8 @@ def _is_quantized_linear(name: str, shape: tuple[int, ...]) -> bool:
 def plan(model: str | Path, out: str | Path | None = None, options: QuantizeOptions = QuantizeOptions()) -> dict:
     """What `quantize` would do, from config.json and tensor shapes alone (nothing is loaded)."""
     model = Path(model)
+    out = Path(out) if out is not None else default_output(model, options)
+    refuse_overlap(model, out)
     config, weights = _open_source(model)
     quantized = other = projected = 0
     for name, src in weights.sources.items():
@@ -307,7 +338,7 @@ def plan(model: str | Path, out: str | Path | None = None, options: QuantizeOpti
         else:
             other += numel
             projected += weights.reader.itemsize(src.name) * numel
-    return {"model": str(model), "out": str(out or default_output(model, options)),
+    return {"model": str(model), "out": str(out),
             "model_type": config.model_type, "layers": config.num_layers,
             "moe_layers": len(config.moe_layer_ids), "experts_per_layer": config.num_experts,
             "top_k": config.top_k, "quantized_params": quantized, "unquantized_params": other,
