@@ -107,13 +107,17 @@ class ChatSession:
                 **{name: getattr(self.params, field) for name, (field, _) in SETTINGS.items()},
                 "repetition_penalty": self.params.repetition_penalty}
 
-    def save(self, file: str | Path) -> Path:
-        """The transcript and settings as JSON."""
+    def save(self, file: str | Path, overwrite: bool = False) -> Path:
+        """The transcript and settings as JSON; an existing file only with `overwrite`."""
         file = Path(file).expanduser()
         doc = {"model": str(self.lm.path), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "settings": self.settings(), "messages": self.conversation()}
         try:
-            file.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            with file.open("w" if overwrite else "x", encoding="utf-8") as f:  # x: never clobber
+                f.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        except FileExistsError:
+            raise MoeEdgeError(f"{file} exists; pick another name, or /save! {file} to "
+                               "overwrite it") from None
         except OSError as e:
             raise MoeEdgeError(f"{file}: cannot write the transcript ({e.strerror})") from None
         return file

@@ -102,11 +102,11 @@ class Repl:
             self._set(arg)
         elif name == "show":
             self._show(arg)
-        elif name == "save":
+        elif name in ("save", "save!"):
             if not arg:
-                err("usage: /save FILE")
+                err(f"usage: /{name} FILE")
             else:
-                err(f"(saved to {self.session.save(arg)})")
+                err(f"(saved to {self.session.save(arg, overwrite=name == 'save!')})")
         else:
             err(f"unknown command /{name}; type /? for the list")
         return None

@@ -177,7 +177,8 @@ CHAT_HELP = """\
 /set temp|top_p|top_k|min_p|max_tokens|seed VALUE
 /set system TEXT          a new system prompt (empty: none)
 /show settings|model|cache
-/save FILE                the transcript and settings as JSON
+/save FILE                the transcript and settings as JSON (never over an existing file)
+/save! FILE               the same, overwriting FILE
 \"\"\"                       start or end multi-line input
 Ctrl-C stops a reply (what it said so far is kept)."""
 

@@ -137,6 +137,18 @@ def test_interactive_session_runs_every_slash_command(gptq, tmp_path):
     assert "Traceback" not in r.output
 
 
+def test_save_never_overwrites_unless_asked_with_save_bang(gptq, tmp_path):
+    transcript = tmp_path / "chat.json"
+    transcript.write_text("keep me")
+    r = run("chat", gptq, "-i", "-n", "2", input=f"hello\n/save {transcript}\n/save!\n")
+    assert r.exit_code == 0, r.output
+    assert f"error: {transcript} exists; pick another name, or /save! {transcript} to overwrite it" in r.stderr
+    assert "usage: /save! FILE" in r.stderr and transcript.read_text() == "keep me"
+    r = run("chat", gptq, "-i", "-n", "2", input=f"hello\n/save! {transcript}\n")
+    assert f"(saved to {transcript})" in r.stderr
+    assert json.loads(transcript.read_text())["messages"][0]["content"] == "hello"
+
+
 def test_ctrl_d_exits_cleanly(gptq):
     r = run("chat", gptq, "-i", input="")
     assert r.exit_code == 0 and "Traceback" not in r.output
