@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ConfigError, MoeEdgeError
-from .generation import GenerationResult, SamplingParams, TextStream
+from .generation import GenerationResult, PrefixCache, SamplingParams, TextStream
 from .tokenizer import format_chat
 
 # /set NAME -> (SamplingParams field, parser); "system" is handled apart.
@@ -31,7 +31,8 @@ class Reply:
     def __init__(self, session: "ChatSession", prompt_ids: list[int], dropped_turns: int):
         self.session, self.dropped_turns = session, dropped_turns
         lm = session.lm
-        self.stream = TextStream(lm.model, lm.tokenizer, prompt_ids, session.params, session.context)
+        self.stream = TextStream(lm.model, lm.tokenizer, prompt_ids, session.params, session.context,
+                                 session.cache)
         self.result: GenerationResult | None = None
         self._iter = self._run()
 
@@ -51,14 +52,18 @@ class Reply:
 
 
 class ChatSession:
-    """History (system prompt apart), sampling settings, and a context budget."""
+    """History (system prompt apart), sampling settings, a context budget, and the
+    conversation's KV cache: each turn prefills only what the previous one did not leave in
+    `cache` (a PrefixCache cuts itself where a prompt diverges, so /clear, a new system
+    prompt or dropped exchanges need nothing more than the next prompt)."""
 
     def __init__(self, lm, system: str | None = None, context: int | None = None,
-                 params: SamplingParams | None = None):
+                 params: SamplingParams | None = None, cache: PrefixCache | None = None):
         self.lm, self.system = lm, system
         self.params = params or lm.defaults
         limit = lm.config.max_position_embeddings
         self.context = min(context or limit, limit)
+        self.cache = cache if cache is not None else PrefixCache(lm.model, self.context)
         self.messages: list[dict] = []  # user and assistant turns, alternating
 
     def conversation(self) -> list[dict]:

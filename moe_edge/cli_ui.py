@@ -143,7 +143,8 @@ def banner(info, lm, prefetch_depth: int, note: str | None) -> str:
 
 
 def turn_stats(result, offload, peak: int) -> str:
-    parts = [f"prompt {result.prompt_tokens} tok, {result.prompt_tps:.1f} tok/s",
+    cached = f" ({result.cached_tokens} cached)" if result.cached_tokens else ""
+    parts = [f"prompt {result.prompt_tokens} tok{cached}, {result.prompt_tps:.1f} tok/s",
              f"reply {result.generated_tokens} tok, {result.decode_tps:.1f} tok/s",
              f"first token {result.prompt_seconds:.2f} s"]
     if offload is not None:

@@ -1,4 +1,5 @@
-"""Sampling, stop conditions and streaming text generation over a causal LM with a KV cache."""
+"""Sampling, stop conditions and streaming text generation over a causal LM with a KV cache
+kept from one generation to the next (PrefixCache)."""
 # V=vocab
 
 from __future__ import annotations
@@ -110,11 +111,14 @@ class GenerationResult:
     prompt_seconds: float
     decode_seconds: float
     finish_reason: str  # "eos", "stop" (a stop string), "length" or "interrupted"
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the PrefixCache
     extra: dict = field(default_factory=dict)
 
     @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        """Prompt tokens run through the model per second (the cached ones were not)."""
+        fed = self.prompt_tokens - self.cached_tokens
+        return fed / self.prompt_seconds if self.prompt_seconds else 0.0
 
     @property
     def decode_tps(self) -> float:
@@ -128,13 +132,74 @@ class GenerationResult:
         return d
 
 
+class PrefixCache:
+    """A KV cache kept from one generation to the next, with the tokens it holds.
+
+    A prompt that starts with cached tokens prefills only the rest: the longest common
+    prefix is kept and the cache cut where the two diverge, so a conversation's next turn
+    (or a server's next request with the same system prompt) runs only its new tokens, and
+    a history edited anywhere (/clear, dropped exchanges) is recomputed from the first token
+    that changed. The last prompt token is always fed again when the whole prompt is cached
+    (its logits are not kept). One generation at a time: not for concurrent use.
+
+    >>> cache = PrefixCache(lm.model)
+    >>> logits, reused = cache.prefill(prompt_ids)   # [V] after the last prompt token
+    >>> logits = cache.step(token)                   # one decode step
+    """
+
+    def __init__(self, model, context: int | None = None):
+        self.model = model
+        self.context = context or model.config.max_position_embeddings
+        self.kv = None  # allocated by the first prefill, grown by reserve
+        self.ids: list[int] = []  # the tokens whose keys and values kv holds, in order
+
+    def clear(self) -> None:
+        """Forget the cached tokens (the memory stays for the next prefill)."""
+        self.ids = []
+        if self.kv is not None:
+            self.kv.truncate(0)
+
+    def common_prefix(self, prompt_ids: Sequence[int]) -> int:
+        """How many of `prompt_ids` a prefill would take from the cache."""
+        n, limit = 0, min(len(self.ids), len(prompt_ids) - 1)  # the last token is always fed
+        while n < limit and self.ids[n] == prompt_ids[n]:
+            n += 1
+        return n
+
+    def prefill(self, prompt_ids: Sequence[int], extra: int = 0) -> tuple[torch.Tensor, int]:
+        """(logits [V] after the last prompt token, prompt tokens reused from the cache); the
+        cache then has room for `extra` more positions, so decoding allocates nothing."""
+        reused = self.common_prefix(prompt_ids)
+        if self.kv is None:
+            self.kv = self.model.new_cache(batch=1, capacity=len(prompt_ids) + extra)
+            self.kv.limit = self.context
+        self.ids = self.ids[:reused]
+        self.kv.truncate(reused)  # also drops positions of a step that failed halfway
+        self.kv.reserve(len(prompt_ids) + extra)
+        return self._feed(list(prompt_ids[reused:])), reused
+
+    def step(self, token: int) -> torch.Tensor:
+        """Logits [V] after feeding one more token."""
+        return self._feed([token])
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        logits = self.model(x, self.kv, last_only=True)[0, -1].cpu()  # [V]
+        self.ids.extend(ids)  # only once the model has run: a failed step leaves no trace
+        return logits
+
+
 def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams,
-                 context: int | None = None, timings: dict | None = None) -> Iterator[int]:
+                 context: int | None = None, timings: dict | None = None,
+                 cache: PrefixCache | None = None) -> Iterator[int]:
     """Yields new token ids, one per step, until EOS, max_new_tokens or a full context.
 
-    Prefill runs the whole prompt once; each further step feeds one token through the cache.
+    Prefill runs the prompt once (only the part `cache` does not hold already; a fresh cache
+    when none is given); each further step feeds one token through the cache. The last token
+    yielded is never fed, so it is not in the cache.
     """
-    context = context or model.config.max_position_embeddings
+    cache = cache if cache is not None else PrefixCache(model, context)
+    context = min(context or cache.context, cache.context)
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty")
     if len(prompt_ids) >= context:
@@ -142,16 +207,17 @@ def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams,
                          "shorten it or raise the context size")
     budget = min(params.max_new_tokens, context - len(prompt_ids))
     generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-    cache = model.new_cache(batch=1, capacity=len(prompt_ids) + budget)
     history = torch.tensor(list(prompt_ids), dtype=torch.long)
     timings = timings if timings is not None else {}
     with torch.inference_mode():
         t0 = time.perf_counter()
-        ids = history.to(model.device)[None]
         for step in range(budget):
-            logits = model(ids, cache, last_only=True)[0, -1].cpu()  # [V]
-            if step == 0 and ids.shape[1] >= TRIM_AFTER_PROMPT:
-                trim_heap()  # the prompt's temporaries: 0.8 GiB on the 16B shape at 512 tokens, 30-45 ms
+            if step == 0:
+                logits, timings["cached_tokens"] = cache.prefill(prompt_ids, budget)
+                if len(prompt_ids) - timings["cached_tokens"] >= TRIM_AFTER_PROMPT:
+                    trim_heap()  # the prompt's temporaries: 0.8 GiB on the 16B shape at 512 tokens, 30-45 ms
+            else:
+                logits = cache.step(token)
             token = sample(logits, params, history, generator)
             timings["prompt_seconds" if step == 0 else "decode_seconds"] = time.perf_counter() - t0
             if step == 0:
@@ -160,7 +226,6 @@ def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams,
             yield token
             if token in params.eos_token_ids:
                 return
-            ids = torch.tensor([[token]], device=model.device)
 
 
 class TextStream:
@@ -169,12 +234,16 @@ class TextStream:
     >>> stream = TextStream(model, tokenizer, prompt_ids, params)
     >>> for piece in stream: print(piece, end="", flush=True)
     >>> stream.result.decode_tps
+
+    `cache`: a PrefixCache to prefill from and leave the conversation in (default: a fresh
+    one). `cancel`: an event (threading.Event) another thread sets to stop at the next token.
     """
 
     def __init__(self, model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                 context: int | None = None):
+                 context: int | None = None, cache: PrefixCache | None = None, cancel=None):
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.prompt_ids, self.context = list(prompt_ids), context
+        self.cache, self.cancel = cache, cancel
         self.result: GenerationResult | None = None
         self._iter = self._run()
 
@@ -193,7 +262,11 @@ class TextStream:
         tokens: list[int] = []
         text, emitted, reason = "", 0, "length"
         try:
-            for token in generate_ids(self.model, self.prompt_ids, self.params, self.context, timings):
+            for token in generate_ids(self.model, self.prompt_ids, self.params, self.context,
+                                      timings, self.cache):
+                if self.cancel is not None and self.cancel.is_set():
+                    reason, text = "interrupted", text[:emitted]
+                    break
                 tokens.append(token)
                 if token in self.params.eos_token_ids:
                     reason = "eos"
@@ -207,7 +280,7 @@ class TextStream:
                 if safe > emitted:
                     piece, emitted = text[emitted:safe], safe  # counted before the consumer sees it
                     yield piece
-            if reason != "stop":
+            if reason not in ("stop", "interrupted"):
                 text += detok.flush()
             if emitted < len(text):
                 piece, emitted = text[emitted:], len(text)
@@ -220,7 +293,8 @@ class TextStream:
             self.result = GenerationResult(
                 text=text, token_ids=tokens, prompt_tokens=len(self.prompt_ids),
                 generated_tokens=len(tokens), prompt_seconds=timings.get("prompt_seconds", 0.0),
-                decode_seconds=timings.get("decode_seconds", 0.0), finish_reason=reason)
+                decode_seconds=timings.get("decode_seconds", 0.0), finish_reason=reason,
+                cached_tokens=timings.get("cached_tokens", 0))
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -24,13 +24,24 @@ class ScriptedModel:
         self.device = torch.device("cpu")
 
     def new_cache(self, batch=1, capacity=None):
-        return SimpleNamespace(length=0)
+        return FakeKV()
 
     def __call__(self, ids, cache, last_only=False):
         logits = torch.full((1, 1, self.vocab), -10.0)
         logits[0, 0, self.script[min(self.calls, len(self.script) - 1)]] = 10.0
         self.calls += 1
+        cache.length += ids.shape[1]
         return logits
+
+
+class FakeKV:
+    length = 0
+
+    def truncate(self, length):
+        self.length = length
+
+    def reserve(self, positions):
+        pass
 
 
 def text_ids(text):
@@ -156,3 +167,13 @@ def test_long_prompts_hand_their_temporaries_back_once(prompt_len, trims, monkey
     monkeypatch.setattr(generation, "trim_heap", lambda: calls.append(1))
     run(text_ids("abcdefgh") * 4 + [1], prompt=[5] * prompt_len)
     assert len(calls) == trims
+
+
+def test_cancel_event_stops_at_the_next_token():
+    import threading
+    model, cancel = ScriptedModel(text_ids("abcdefgh")), threading.Event()
+    stream = TextStream(model, TOK, [0], GREEDY, cancel=cancel)
+    first = next(stream)
+    cancel.set()
+    assert list(stream) == [] and model.calls == 2  # the token in hand is dropped, no more steps
+    assert stream.result.finish_reason == "interrupted" and stream.result.text == first

@@ -14,19 +14,47 @@ from .layers import RMSNorm, apply_rotary
 class KVCache:
     """Keys and values for every layer, preallocated to `capacity` positions.
 
-    Decoding writes in place; nothing is allocated per token.
+    Decoding writes in place; nothing is allocated per token. A cache kept across requests
+    (generation.PrefixCache) is cut back with `truncate` and grown with `reserve`, which
+    reallocates at least doubling, up to `limit` positions (default: the model's maximum).
     """
 
     def __init__(self, config: ModelConfig, batch: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+                 dtype: torch.dtype, device: torch.device | str = "cpu", limit: int | None = None):
+        self.shape = (batch, config.num_kv_heads, 0, config.head_dim)
+        self.layers, self.dtype, self.device = config.num_layers, dtype, device
+        self.limit = max(limit or config.max_position_embeddings, capacity)
+        self.k, self.v = self._allocate(capacity)
         self.capacity = capacity
         self.length = 0  # positions filled, advanced by the model after all layers ran
 
+    def _allocate(self, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        B, K, _, Hd = self.shape
+        return tuple([torch.zeros((B, K, capacity, Hd), dtype=self.dtype, device=self.device)
+                      for _ in range(self.layers)] for _ in range(2))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (the next tokens are written there)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} positions to {length}")
+        self.length = length
+
+    def reserve(self, positions: int) -> None:
+        """Room for `positions` in all; the filled ones are kept. Amortised: a reallocation
+        at least doubles the capacity, capped at `limit`."""
+        if positions <= self.capacity:
+            return
+        if positions > self.limit:
+            raise ValueError(f"context full: {positions} positions needed, the KV cache holds "
+                             f"at most {self.limit}; raise the context size")
+        capacity = min(max(positions, 2 * self.capacity), self.limit)
+        k, v = self._allocate(capacity)
+        for new, old in zip(k + v, self.k + self.v):
+            new.narrow(2, 0, self.length).copy_(old.narrow(2, 0, self.length))
+        self.k, self.v, self.capacity = k, v, capacity
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[2]
