@@ -52,6 +52,7 @@ class ModelInfo:
     checkpoint_bytes: int
     dense_bytes: int  # what stays resident, at the runtime dtype
     expert_bytes: int  # one routed expert, at the runtime dtype or as quantized
+    active_bytes: int  # weight bytes a decode token reads: one embedding row, top-k experts a layer
     quantization: dict | None
     plan: OffloadPlan | None  # None when the expert cache setting cannot fit top-k
     plan_error: str | None = None
@@ -72,7 +73,7 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     path, device = Path(path), torch.device(device)
     config, quant = load_config(path), read_quant_config(path)
     weights = WeightMap(CheckpointReader(path), config)
-    total = active = dense = experts_total = checkpoint = 0
+    total = active = dense = experts_total = checkpoint = read = 0
     keep16 = keeps_bf16(device, dtype, bf16_weights)  # as api.load_model decides
     V, D = config.vocab_size, config.hidden_size
     int8 = head_in_int8(lm_head, device, V * D, config.tie_word_embeddings)  # likewise
@@ -93,14 +94,16 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         else:
             active += params
             dense += runtime
+            read += runtime // V if name.endswith("embed_tokens.weight") else runtime
     if int8 and config.tie_word_embeddings and "lm_head.weight" not in weights.sources:
         dense += V * (D + 2)  # tied to the embeddings, which stay: the int8 head is a copy
     L, E, k = len(config.moe_layer_ids), config.num_experts, config.top_k
     expert_bytes = experts_total // (L * E)
     active += (total - active) * k // E
+    read += experts_total * k // E
     info = ModelInfo(str(path), config.model_type, config.num_layers, L, E, k, config.hidden_size,
                      config.vocab_size, config.max_position_embeddings, total, active, checkpoint,
-                     dense, expert_bytes, _quant_summary(quant), None,
+                     dense, expert_bytes, read, _quant_summary(quant), None,
                      lm_head_int8=int8 and ("lm_head.weight" in weights.sources or config.tie_word_embeddings))
     context = min(context, config.max_position_embeddings)
     kv = kv_cache_bytes(config, context, dtype)

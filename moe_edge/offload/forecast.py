@@ -1,0 +1,83 @@
+"""What decode speed a plan can expect, before anything is downloaded or loaded: the
+forecast `moe-edge info --forecast` prints, from tensor headers and two short probes.
+
+A decode token reads every active weight once (memory-bound on a CPU) and, offloaded, pages
+in the experts its router picks that are not cached. With routing that has no reuse (each
+token's experts independent and uniform, the worst a trained router is near), an expert is
+cached with probability slots/E, so a token misses top_k x moe_layers x (1 - slots/E) times,
+each an expert-sized read from the slow tier. Trained routers reuse more (bench/trace.py), so
+the forecast is a floor for the cache and a ceiling for the kernels (full memory bandwidth).
+
+>>> f = forecast(model_info("ckpt"), memory_bps=probe_memory(), storage_bps=probe_storage("~/.cache"))
+>>> f.no_reuse_tps, f.resident_tps  # what to expect lies between
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+PROBE_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Forecast:
+    memory_gbps: float  # measured: one pass over a buffer larger than the caches
+    storage_gbps: float | None  # measured: expert-sized random reads, uncached; None for a RAM tier
+    active_bytes: int  # weight bytes one decode token reads
+    misses_per_token: float  # slow-tier reads a token makes with no routing reuse
+    miss_ms: float  # one expert read from the slow tier
+    resident_tps: float  # the ceiling: every expert cached, at full memory bandwidth
+    no_reuse_tps: float  # the floor: the plan's cache, routing without reuse
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def probe_memory(nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
+    """Bytes/s one pass of summing a buffer reads (best of `repeats`), all threads."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def probe_storage(folder: str | Path, record: int, reads: int = 4, nbytes: int = PROBE_BYTES) -> float:
+    """Bytes/s of random `record`-sized positioned reads, `reads` in flight, from a scratch
+    file written in `folder` (where the expert store goes) and dropped from the page cache."""
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    count = max(2 * reads, nbytes // max(record, 1))
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".moe-edge-probe-") as f:
+        block = os.urandom(min(record, 2**20))
+        for _ in range(-(-count * record // len(block))):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        order = random.Random(0).sample(range(count), count)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(reads) as pool:
+            list(pool.map(lambda i: os.pread(f.fileno(), record, i * record), order))
+        return count * record / (time.perf_counter() - t0)
+
+
+def forecast(info, memory_bps: float, storage_bps: float | None) -> Forecast:
+    """The decode rates `info.plan` can expect (see the module docstring for the model)."""
+    plan = info.plan
+    compute_s = info.active_bytes / memory_bps
+    missing = 1 - plan.slots_per_layer / info.experts_per_layer
+    misses = info.top_k * info.moe_layers * missing
+    miss_s = info.expert_bytes / storage_bps if storage_bps else info.expert_bytes / memory_bps
+    return Forecast(memory_bps / 1e9, storage_bps / 1e9 if storage_bps else None, info.active_bytes,
+                    misses, miss_s * 1e3, 1 / compute_s, 1 / (compute_s + misses * miss_s))
