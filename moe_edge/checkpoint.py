@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .config import read_json_object
 from .errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -25,30 +26,9 @@ MANIFEST = "writer_manifest.json"  # only in a resumable writer's work folder
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def read_json_object(file: Path, what: str):
-    """A JSON object from `file`, with a one-line CheckpointError naming it when the file is
-    not UTF-8 JSON, is not an object, or repeats a key (json.loads would keep the last)."""
-    def no_repeats(pairs):
-        keys = [k for k, _ in pairs]
-        repeated = next((k for k in keys if keys.count(k) > 1), None)
-        if repeated is not None:
-            raise CheckpointError(f"{file}: key {repeated!r} appears twice; {what} must name "
-                                  "each key once")
-        return dict(pairs)
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=no_repeats)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e}); restore {what} from the original "
-                              "checkpoint") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: is a JSON {type(raw).__name__}, but {what} must be a JSON "
-                              "object; restore it from the original checkpoint")
-    return raw
-
-
 def read_weight_map(index: Path) -> dict[str, str]:
     """The index's weight_map {tensor name: shard file name}, checked for its types."""
-    weight_map = read_json_object(index, "a safetensors index").get("weight_map")
+    weight_map = read_json_object(index, "a safetensors index", CheckpointError).get("weight_map")
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> shard "

@@ -19,9 +19,11 @@ from .checkpoint import CheckpointReader
 from .config import load_config
 from .errors import ConfigError
 from .model import layers
-from .model.weights import EXPERT, WeightMap
+from .model import MoEForCausalLM
+from .model.weights import EXPERT, WeightMap, check_shape, check_unused, expected_tensors
 from .offload.plan import OffloadPlan, kv_cache_bytes, slots_for
 from .quant.format import read_quant_config
+from .quant.load import PARTS
 from .quant.int8 import head_in_int8
 
 _QUANT_AUX = (".qzeros", ".scales", ".g_idx")
@@ -34,6 +36,13 @@ def keeps_bf16(device: torch.device, dtype: torch.dtype, bf16_weights: bool | No
     if device.type != "cpu" or dtype != torch.float32:
         return False
     return cpu.native_bf16() if bf16_weights is None else bf16_weights
+
+
+def kv_dtype(dtype: torch.dtype, keep16: bool) -> torch.dtype:
+    """The KV cache's dtype: bf16 wherever weights stay bf16 (native bf16, no exact dtype
+    named) and moe-edge's kernel attends over it (quant.native.decode_attention)."""
+    from .quant import native
+    return torch.bfloat16 if keep16 and native.supported() else dtype
 
 
 @dataclass
@@ -73,6 +82,7 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     path, device = Path(path), torch.device(device)
     config, quant = load_config(path), read_quant_config(path)
     weights = WeightMap(CheckpointReader(path), config)
+    check_layout(weights, config, quant)
     total = active = dense = experts_total = checkpoint = read = 0
     keep16 = keeps_bf16(device, dtype, bf16_weights)  # as api.load_model decides
     V, D = config.vocab_size, config.hidden_size
@@ -106,7 +116,7 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
                      dense, expert_bytes, read, _quant_summary(quant), None,
                      lm_head_int8=int8 and ("lm_head.weight" in weights.sources or config.tie_word_embeddings))
     context = min(context, config.max_position_embeddings)
-    kv = kv_cache_bytes(config, context, dtype)
+    kv = kv_cache_bytes(config, context, kv_dtype(dtype, keep16))
     try:
         slots, margin, seen = slots_for(expert_cache, device=device, resident=dense, kv=kv,
                                         expert_bytes=expert_bytes, moe_layers=L, experts=E, top_k=k)
@@ -116,6 +126,26 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     tier = slow_tier or ("ram" if device.type == "cuda" else "disk")
     info.plan = OffloadPlan(str(device), tier, dense, kv, expert_bytes, L, E, k, slots, margin, seen)
     return info
+
+
+def check_layout(weights: WeightMap, config, quant) -> None:
+    """What a load would refuse, from the headers alone: a tensor the model needs that is
+    missing or shaped other than config.json implies, or one it cannot use."""
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    used = set()
+    for name, param in expected_tensors(model).items():
+        prefix, _, part = name.rpartition(".")
+        qweight = f"{prefix}.qweight"
+        if quant is not None and part == "weight" and qweight in weights:
+            N, K = param.shape
+            check_shape(weights, qweight, weights.shape(qweight), (K * quant.bits // 32, N))
+            used |= {f"{prefix}.{p}" for p in PARTS}
+            continue
+        weights.get_source(name)  # a missing tensor is named as a load names it
+        check_shape(weights, name, weights.shape(name), tuple(param.shape))
+        used.add(name)
+    check_unused(weights, used)
 
 
 def _kept16(name: str, shape) -> bool:

@@ -7,6 +7,7 @@ below; experts stored fused as 3-D tensors are sliced per expert without reading
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -100,15 +101,38 @@ class WeightMap:
             shape[0] = src.rows[1] - src.rows[0]
         return tuple(shape)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get_source(self, name: str) -> Source:
         src = self.sources.get(name)
         if src is None:
             raise CheckpointError(f"{self.reader.folder}: tensor {name!r} is missing from the "
                                   f"checkpoint (model_type {self.config.model_type!r})")
+        return src
+
+    def get(self, name: str) -> torch.Tensor:
+        src = self.get_source(name)
         if src.expert is None:
             return self.reader.get(src.name)
         part = self.reader.get_expert(src.name, src.expert)  # reads only expert e's slice
         return part if src.rows is None else part[src.rows[0]:src.rows[1]]
+
+
+FLOAT_STORED = (torch.float16, torch.bfloat16, torch.float32)  # what a float weight may be stored as
+
+
+def check_values(where, name: str, tensor: torch.Tensor, allowed=FLOAT_STORED) -> None:
+    """A tensor's stored dtype is one its role allows (an int8 tensor is never cast into a
+    float weight), and its values are finite: one aminmax pass (NaN and +-inf reach the
+    ends), ~11 GB/s on bf16 here, where isfinite().all() runs at ~0.3 GB/s."""
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise CheckpointError(f"{where}: tensor {name!r} is stored as "
+                              f"{str(tensor.dtype).removeprefix('torch.')}, but it must be {names}; "
+                              "the file is corrupt or not the checkpoint config.json describes")
+    if tensor.is_floating_point() and tensor.numel():
+        lo, hi = torch.aminmax(tensor)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise CheckpointError(f"{where}: tensor {name!r} has NaN or infinite values; the "
+                                  "checkpoint is corrupt - download it again")
 
 
 def expected_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -141,11 +165,8 @@ def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = froz
         if name in consumed:
             continue
         tensor = weights.get(name)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{weights.reader.file_of(weights.sources[name].name)}: tensor {name!r} has shape "
-                f"{list(tensor.shape)}, but config.json implies {list(param.shape)}; the weights "
-                "and config.json do not belong together")
+        check_shape(weights, name, tuple(tensor.shape), tuple(param.shape))
+        check_values(weights.reader.file_of(weights.sources[name].name), name, tensor)
         kept = keep16 and tensor.dtype == torch.bfloat16 and _stays_bf16(model, local, tensor)
         value = tensor.to(device=device, dtype=torch.bfloat16 if kept else dtype)
         if value.data_ptr() == tensor.data_ptr():  # no copy made: still the file's memory map,
@@ -155,7 +176,20 @@ def load_weights(model: nn.Module, weights: WeightMap, consumed: set[str] = froz
         model.tie_weights()
     if prefix:
         return
-    unknown = sorted(set(weights.sources) - set(params) - set(consumed) - {"lm_head.weight"})
+    check_unused(weights, set(params) | set(consumed))
+
+
+def check_shape(weights: WeightMap, name: str, shape: tuple, expected: tuple) -> None:
+    if shape != expected:
+        raise CheckpointError(
+            f"{weights.reader.file_of(weights.sources[name].name)}: tensor {name!r} has shape "
+            f"{list(shape)}, but config.json implies {list(expected)}; the weights and "
+            "config.json do not belong together")
+
+
+def check_unused(weights: WeightMap, used: set[str]) -> None:
+    """No checkpoint tensor the model does not use (a config that does not match the weights)."""
+    unknown = sorted(set(weights.sources) - used - {"lm_head.weight"})
     if unknown:
         raise CheckpointError(f"{weights.reader.folder}: tensors the model does not use, e.g. "
                               f"{unknown[0]!r} ({len(unknown)} in all); is config.json's "

@@ -12,14 +12,15 @@ For a Linear with K inputs, N outputs and G groups (DESIGN.md, 'Formats'):
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..config import read_json_object
 from ..errors import CheckpointError, ConfigError
+from ..model.weights import FLOAT_STORED, check_values
 
 FORMATS = ("gptq", "gptq_v2")
 PACK = 8  # 4-bit values per int32
@@ -87,13 +88,15 @@ class QuantConfig:
 def read_quant_config(folder: str | Path) -> QuantConfig | None:
     """config.json's quantization_config, else quantize_config.json; None if unquantized."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(folder / "config.json", "config.json")
     raw, source = config.get("quantization_config"), folder / "config.json"
     if raw is None and (folder / "quantize_config.json").exists():
         source = folder / "quantize_config.json"
-        raw = json.loads(source.read_text(encoding="utf-8"))
+        raw = read_json_object(source, "quantize_config.json")
     if raw is None:
         return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: quantization_config must be an object, got {raw!r}")
     try:
         return QuantConfig.from_dict(raw)
     except ConfigError as e:
@@ -228,6 +231,10 @@ def check_tensors(name: str, t: GPTQTensors, in_features: int, out_features: int
             raise CheckpointError(f"{where}: {name}.{part} is {str(tensor.dtype).removeprefix('torch.')} "
                                   f"{list(tensor.shape)}, expected {list(shape)} for a {K}->{N} "
                                   f"Linear with group_size {cfg.group_size}")
+    check_values(where, f"{name}.scales", t.scales)
+    check_values(where, f"{name}.g_idx", t.g_idx, (torch.int32, torch.int64))
+    if t.bias is not None:
+        check_values(where, f"{name}.bias", t.bias, FLOAT_STORED)
     if t.g_idx.numel() and (int(t.g_idx.min()) < 0 or int(t.g_idx.max()) >= G):
         raise CheckpointError(f"{where}: {name}.g_idx has values outside [0, {G}); the checkpoint "
                               "is corrupt or its group_size is wrong")
