@@ -15,3 +15,7 @@ class CheckpointError(MoeEdgeError):
 
 class StoreError(MoeEdgeError):
     """The expert store (a cache moe-edge builds from a checkpoint) is damaged or cannot be written."""
+
+
+class ChatTemplateError(MoeEdgeError):
+    """A chat template that fails, or runs past its time, memory or output bound."""

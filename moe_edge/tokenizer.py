@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .errors import CheckpointError
+from .chat_template import render_chat
+from .errors import ChatTemplateError, CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
@@ -24,25 +25,44 @@ def load_tokenizer(folder: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                              trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: the tokenizer cannot be loaded ({e})") from None
+    except Exception as e:  # untrusted files fail transformers in many ways: one line each
+        raise CheckpointError(_tokenizer_failure(folder, e)) from None
     finally:
         logging.set_verbosity(level)
 
 
+def _tokenizer_failure(folder: Path, e: Exception) -> str:
+    """Our own line for a tokenizer that will not load; never transformers' advice to pass
+    trust_remote_code=True (moe-edge never runs code from a checkpoint)."""
+    if "trust_remote_code" in str(e) or "custom code" in str(e):
+        return (f"{folder}: tokenizer_config.json names a custom tokenizer class whose code ships "
+                "with the checkpoint; moe-edge never runs checkpoint code - use a checkpoint "
+                "with a standard tokenizer.json")
+    first = (str(e).splitlines() or [""])[0][:300]
+    return f"{folder}: the tokenizer cannot be loaded ({type(e).__name__}: {first})"
+
+
 def format_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation, via the tokenizer's chat template.
+    """Token ids of a conversation, via the tokenizer's chat template (rendered in a bounded
+    worker process: see chat_template.py).
 
     Without a template, DeepSeek-MoE-chat's format: BOS, system text, then
     `User: ...\\n\\n` and `Assistant: ...<eos>` turns, ending in `Assistant:`.
     """
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        text = render_chat(_template_of(tokenizer), list(messages), add_generation_prompt,
+                           tokenizer.special_tokens_map, source=tokenizer.name_or_path or "tokenizer")
     else:
         text = deepseek_chat_text(tokenizer, messages, add_generation_prompt)
     # The template already wrote BOS; encoding with special tokens would add a second one.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _template_of(tokenizer) -> str:
+    try:
+        return tokenizer.get_chat_template()
+    except ValueError as e:  # several named templates and no default
+        raise ChatTemplateError(f"{tokenizer.name_or_path}: {str(e).splitlines()[0]}") from None
 
 
 def deepseek_chat_text(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
