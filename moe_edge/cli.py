@@ -117,6 +117,9 @@ RUNTIME = _options(
     click.option("--offline", is_flag=True, help="Never download; a Hugging Face id must be cached."),
 )
 
+CTX_SIZE = click.option("-c", "--ctx-size", type=click.IntRange(16), default=None,
+                        help="Context in tokens [default: the model's, at most 4096].")
+
 SAMPLING = _options(
     click.option("--temp", type=float, default=None, help="Temperature; 0 is greedy."),
     click.option("--top-p", type=float, default=None),
@@ -124,8 +127,7 @@ SAMPLING = _options(
     click.option("--min-p", type=float, default=None),
     click.option("-n", "--max-tokens", type=int, default=None, help="Most new tokens per reply."),
     click.option("-s", "--seed", type=int, default=None),
-    click.option("-c", "--ctx-size", type=click.IntRange(16), default=None,
-                 help="Context in tokens [default: the model's, at most 4096]."),
+    CTX_SIZE,
     click.option("--system-prompt", default=None, help="System message for chat."),
 )
 
@@ -147,6 +149,7 @@ def main() -> None:
     moe-edge chat                     talk to the bundled demo model
     moe-edge quantize MODEL           GPTQ 4-bit conversion, one layer at a time
     moe-edge chat MODEL-gptq-w4g128   chat with experts offloaded to fit memory
+    moe-edge serve MODEL              an OpenAI-compatible server on 127.0.0.1:8080
     """
 
 
@@ -258,6 +261,45 @@ def _answer_once(reply, lm, stats: bool, as_json: bool) -> None:
     click.echo()
     if stats:
         click.echo(turn_stats(result, offload, peak_memory(lm.model.device)), err=True)
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 opens the server to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", envvar="MOE_EDGE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health "
+              "[env: MOE_EDGE_API_KEY].")
+@click.option("--queue-size", type=click.IntRange(0), default=8, show_default=True,
+              help="Requests that may wait while one generates; more get 429.")
+@RUNTIME
+@CTX_SIZE
+@VERBOSE
+def serve(model, host, port, api_key, queue_size, device, dtype, expert_cache, prefetch_depth,
+          no_prefetch, threads, lm_head, offline, ctx_size):
+    """Serve MODEL (default: the bundled demo) over an OpenAI-compatible HTTP API:
+    /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics. Ctrl-C stops it."""
+    from . import serve as server
+    from .cli_ui import serve_banner
+    spec, model = model, _resolve(model, offline)
+    sock = server.listen(host, port)
+    lm, info, context, depth, note = _load(model, device, dtype, expert_cache, prefetch_depth,
+                                           no_prefetch, threads, ctx_size, lm_head)
+    app = server.create_app(lm, _model_id(spec, model[0]), context, queue_size, api_key)
+    click.echo(serve_banner(info, lm, sock.getsockname(), context, queue_size, bool(api_key), note), err=True)
+    server.serve(app, sock, verbose=bool(click.get_current_context().meta.get("verbose")))
+    click.echo("moe-edge serve: stopped", err=True)
+
+
+def _model_id(spec: str | None, path) -> str:
+    """The name /v1/models gives: `demo`, a Hugging Face id as given, else the folder's name."""
+    if spec in (None, "demo"):
+        return "demo"
+    from pathlib import Path
+    return path.name if Path(spec).expanduser().exists() else spec
 
 
 # --- info and bench ------------------------------------------------------------------------

@@ -142,6 +142,19 @@ def banner(info, lm, prefetch_depth: int, note: str | None) -> str:
     return "\n".join(lines)
 
 
+def serve_banner(info, lm, address, context: int, queue_size: int, keyed: bool, note: str | None) -> str:
+    host, port = address[:2]
+    host = f"[{host}]" if ":" in host else host
+    plan = lm.offload.plan if lm.offload else None
+    lines = model_lines(info, lm.model.quant_kernels) + [f"memory        {plan_line(plan)}"]
+    if note:
+        lines.append(f"note          {note}")
+    lines.append(f"context       {context} tokens, one generation at a time, {queue_size} may wait")
+    lines.append(f"listening     http://{host}:{port}/v1 ({'API key required' if keyed else 'no API key'}); "
+                 "Ctrl-C stops")
+    return "\n".join(lines)
+
+
 def turn_stats(result, offload, peak: int) -> str:
     cached = f" ({result.cached_tokens} cached)" if result.cached_tokens else ""
     parts = [f"prompt {result.prompt_tokens} tok{cached}, {result.prompt_tps:.1f} tok/s",

@@ -42,7 +42,7 @@ def gptq(tiny_deepseek, tmp_path_factory):
 
 def test_help_lists_every_command():
     r = run("--help")
-    for command in ("chat", "generate", "info", "bench", "quantize"):
+    for command in ("chat", "generate", "info", "bench", "quantize", "serve"):
         assert command in r.output
     assert run("--version").output.startswith("moe-edge, version")
 
@@ -164,6 +164,14 @@ def test_ctrl_d_exits_cleanly(gptq):
 ])
 def test_bad_settings_are_one_line(gptq, args, fragments):
     assert_one_line_error(run("chat", gptq, "hi", *args), *fragments)
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_loading():
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert_one_line_error(run("serve", "--port", port), f"cannot listen on 127.0.0.1:{port}",
+                              "pick another --port")
 
 
 def test_missing_model_and_unknown_flag(tmp_path):
