@@ -18,7 +18,7 @@ try:
 except ImportError:  # not on Windows: builds there are not locked
     fcntl = None
 
-from ..checkpoint import CheckpointReader
+from ..checkpoint import CheckpointReader, stat_signature
 from ..config import ModelConfig
 from ..errors import CheckpointError, StoreError
 from ..memory import trim_heap
@@ -168,9 +168,7 @@ def fingerprint(reader: CheckpointReader, device: torch.device, dtype: torch.dty
     bf16 = keep16 and layers.BF16_MIN_LINEAR  # which weights stay bf16
     model = Path(reader.folder)
     h = hashlib.sha256(f"{STORE_VERSION}|{model.resolve()}|{device.type}|{dtype}|{kernel}|{bf16}".encode())
-    for f in reader.files() + [model / "config.json"]:
-        st = f.stat()
-        h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(stat_signature(reader.files() + [model / "config.json"]).encode())
     return h.hexdigest()[:20]
 
 
