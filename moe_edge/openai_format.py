@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import ConfigError, MoeEdgeError
 from .generation import GenerationResult, SamplingParams
 from .tokenizer import format_chat
 
@@ -169,12 +169,20 @@ def prompt_ids(body: dict, tokenizer) -> list[int]:
     return list(prompt)
 
 
+def _chat_ids(tokenizer, conversation: list[dict]) -> list[int]:
+    try:
+        return format_chat(tokenizer, conversation)
+    except MoeEdgeError as e:  # the template refused these messages, or ran past its bounds
+        raise ApiError(400, f"the chat template failed on these messages: {e}", param="messages",
+                       code="chat_template_error") from None
+
+
 def read_request(body: dict, chat: bool, tokenizer, defaults: SamplingParams, context: int) -> Request:
     """The validated request, its prompt tokenized (with the chat template for chat)."""
     _get(body, "model", (str,))
     params = sampling(body, defaults)
     stream, include_usage = _stream_options(body)
-    ids = format_chat(tokenizer, messages(body)) if chat else prompt_ids(body, tokenizer)
+    ids = _chat_ids(tokenizer, messages(body)) if chat else prompt_ids(body, tokenizer)
     _check(len(ids) > 0, "prompt", "the prompt is empty")
     if len(ids) >= context:
         raise ApiError(400, f"the prompt is {len(ids)} tokens but the context holds {context} "

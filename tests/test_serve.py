@@ -185,6 +185,28 @@ def test_disconnect_mid_stream_stops_the_generation(client, url):
     assert chat(client, max_tokens=2).choices[0].finish_reason == "length"  # and it serves on
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_stops_it(url):
+    before = metrics(url)["requests"]["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
+                   json={"prompt": "class Queue:", "max_tokens": 400, "temperature": 0})
+    m = idle(url)
+    assert m["requests"]["cancelled"] == before + 1 and m["last_request"]["generated_tokens"] < 400
+
+
+def test_a_failing_chat_template_is_a_400(url, lm, monkeypatch):
+    from moe_edge.errors import ChatTemplateError
+    from moe_edge import openai_format
+
+    def refuse(tokenizer, messages):
+        raise ChatTemplateError("Conversation roles must alternate user/assistant")
+    monkeypatch.setattr(openai_format, "format_chat", refuse)
+    r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"messages": USER})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_error"
+    assert "roles must alternate" in r.json()["error"]["message"]
+
+
 def test_a_full_queue_answers_429(client, url):
     opened = [client.completions.create(model="demo", prompt="class Queue:", max_tokens=400,
                                         temperature=0, stream=True) for _ in range(2)]
