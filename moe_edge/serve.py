@@ -20,6 +20,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
@@ -344,3 +345,26 @@ def server(app: Starlette, verbose: bool = False) -> Server:
 def serve(app: Starlette, sock: socket.socket, verbose: bool = False) -> None:
     """Serve until SIGINT or SIGTERM (from the main thread), then shut down cleanly."""
     server(app, verbose).run(sockets=[sock])
+
+
+class ServerThread:
+    """`app` served from a daemon thread on `host`, a free port by default (tests, benchmarks,
+    a notebook): no signal handling; `stop()` shuts it down as SIGTERM would.
+
+    >>> running = ServerThread(create_app(lm, "demo", 4096))
+    >>> running.url   # http://127.0.0.1:PORT
+    >>> running.stop()
+    """
+
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0):
+        sock = listen(host, port)
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        self.server = server(app)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 30) -> None:
+        self.server.handle_exit(signal.SIGTERM, None)
+        self.thread.join(timeout)

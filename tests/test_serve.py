@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from moe_edge.api import load_offloaded  # noqa: E402
 from moe_edge.hub import DEMO  # noqa: E402
 import uvicorn  # noqa: E402
 
-from moe_edge.serve import Engine, Server, create_app, listen, server  # noqa: E402
+from moe_edge.serve import Engine, Server, ServerThread, create_app  # noqa: E402
 from moe_edge.tokenizer import format_chat  # noqa: E402
 
 KEY = "sk-test-key"
@@ -49,16 +48,10 @@ def app(lm):
 @pytest.fixture(scope="module")
 def url(app):
     """The app served from a thread on a free loopback port."""
-    sock = listen("127.0.0.1", 0)
-    srv = server(app)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive()
+    running = ServerThread(app)
+    yield running.url
+    running.stop()
+    assert not running.thread.is_alive()
 
 
 @pytest.fixture(scope="module")
