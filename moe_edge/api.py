@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .memory import trim_heap
 from .generation import GenerationResult, SamplingParams, TextStream, read_generation_config
 from .model import MoEForCausalLM
-from .info import keeps_bf16
+from .info import keeps_bf16, kv_dtype
 from .model.layers import keep_bf16
 from .model.weights import EXPERT, WeightMap, load_weights
 from .offload.policy import DEFAULT as DEFAULT_POLICY
@@ -29,6 +29,7 @@ from .quant.load import install_quantized, kernel_summary
 from .quant.int8 import check_lm_head, head_in_int8, int8_lm_head
 from .quant.experts import use_quant_experts
 from .quant.qlinear import fuse_qkv, use_quant_mlps
+from .quant import native
 from .tokenizer import format_chat, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -112,6 +113,10 @@ def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
     use_quant_experts(model)
     fuse_qkv(model)
     model.kept_bf16 = keep_bf16(model, dtype) if keep16 else []
+    model.kv_dtype = kv_dtype(dtype, bool(model.kept_bf16))  # a 16-bit checkpoint: a 16-bit cache
+    if model.kv_dtype == torch.bfloat16 and dtype == torch.float32 and device.type == "cpu" and native.available():
+        for layer in model.model.layers:
+            layer.self_attn.decode_kernel = native.decode_attention
     c = model.config
     int8 = head_in_int8(lm_head, device, c.vocab_size * c.hidden_size, c.tie_word_embeddings)
     model.lm_head_int8 = int8 and int8_lm_head(model)
@@ -246,7 +251,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     store, layouts, index_of = build_store(weights, config, quant, device, dtype, kernel,
                                            slow_tier, offload_dir, keep16)
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    kv = kv_cache_bytes(config, context, dtype)
+    kv = kv_cache_bytes(config, context, model.kv_dtype)
     L, E = len(config.moe_layer_ids), config.num_experts
     slots, margin, available = slots_for(expert_cache, device=device, resident=resident, kv=kv,
                                          expert_bytes=store.stride, moe_layers=L, experts=E,

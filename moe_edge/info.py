@@ -84,6 +84,7 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     weights = WeightMap(CheckpointReader(path), config)
     check_layout(weights, config, quant)
     total = active = dense = experts_total = checkpoint = read = 0
+    kept16 = False  # any weight stays bf16 (a 16-bit checkpoint): the KV cache is bf16 too
     keep16 = keeps_bf16(device, dtype, bf16_weights)  # as api.load_model decides
     V, D = config.vocab_size, config.hidden_size
     int8 = head_in_int8(lm_head, device, V * D, config.tie_word_embeddings)  # likewise
@@ -94,7 +95,7 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         params = _params(name, numel, quant.bits if quant else 16)
         runtime = stored if _is_quantized(name) else numel * dtype.itemsize
         if keep16 and _kept16(name, weights.shape(name)) and weights.reader.stored_dtype(source) == "BF16":
-            runtime = stored  # kept bf16: embeddings and large Linear weights
+            runtime, kept16 = stored, True  # kept bf16: embeddings and large Linear weights
         if int8 and name == "lm_head.weight":
             runtime = numel + 2 * weights.shape(name)[0]  # int8 weights, a bf16 scale per row
         checkpoint += stored
@@ -116,7 +117,7 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
                      dense, expert_bytes, read, _quant_summary(quant), None,
                      lm_head_int8=int8 and ("lm_head.weight" in weights.sources or config.tie_word_embeddings))
     context = min(context, config.max_position_embeddings)
-    kv = kv_cache_bytes(config, context, kv_dtype(dtype, keep16))
+    kv = kv_cache_bytes(config, context, kv_dtype(dtype, kept16))
     try:
         slots, margin, seen = slots_for(expert_cache, device=device, resident=dense, kv=kv,
                                         expert_bytes=expert_bytes, moe_layers=L, experts=E, top_k=k)

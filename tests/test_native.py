@@ -198,3 +198,40 @@ def test_a_build_killed_midway_does_not_hang_the_next():
                          capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == "True", run.stderr
     assert not (folder / "lock").exists()
+
+
+@pytest.mark.parametrize("H, K, D, S", [(4, 4, 32, 1), (4, 4, 32, 77), (16, 16, 128, 300), (32, 4, 128, 130)])
+def test_decode_attention_over_a_bf16_cache_equals_sdpa(H, K, D, S):
+    """One query row against bf16 keys and values read through views of a longer cache (GQA
+    too): fp32 SDPA over the same (upcast) values, to fp32 summation order."""
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(1, H, 1, D, generator=g)
+    k_all, v_all = (torch.randn(1, K, S + 9, D, generator=g).bfloat16() for _ in range(2))
+    k, v = k_all.narrow(2, 0, S), v_all.narrow(2, 0, S)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.float(), v.float(), enable_gqa=H != K)
+    assert native.available()
+    out = native.decode_attention(q, k, v, D ** -0.5)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_the_demo_keeps_its_kv_cache_in_bf16_and_decodes_as_with_fp32():
+    """Default load on a native-bf16 CPU: the KV cache is bf16 (half the bytes) and attended
+    by the kernel; teacher-forced decode logits stay within bf16 rounding of an fp32 cache."""
+    lm = load(DEMO)
+    model = lm.model
+    assert model.kv_dtype == torch.bfloat16 and model.new_cache(1, 8).k[0].dtype == torch.bfloat16
+    ids = heldout_ids(lm.tokenizer, max_tokens=160)
+
+    def decode(kv_dtype, kernel):
+        model.kv_dtype = kv_dtype
+        for layer in model.model.layers:
+            layer.self_attn.decode_kernel = kernel
+        cache = model.new_cache(1, len(ids))
+        with torch.inference_mode():
+            model(ids[None, :32], cache)
+            return torch.stack([model(ids[None, i:i + 1], cache)[0, -1] for i in range(32, len(ids))])
+    bf16 = decode(torch.bfloat16, native.decode_attention)
+    fp32 = decode(torch.float32, None)
+    err = (bf16 - fp32).norm(dim=-1) / fp32.norm(dim=-1)
+    assert err.median() < 1e-2 and (bf16.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.95

@@ -12,7 +12,8 @@ from .layers import RMSNorm, apply_rotary
 
 
 class KVCache:
-    """Keys and values for every layer, preallocated to `capacity` positions.
+    """Keys and values for every layer, preallocated to `capacity` positions, in `dtype`
+    (bf16 on a CPU with native bf16 for fp32 activations: half the bytes, as llama.cpp's f16).
 
     Decoding writes in place; nothing is allocated per token. A cache kept across requests
     (generation.PrefixCache) is cut back with `truncate` and grown with `reserve`, which
@@ -73,6 +74,7 @@ class Attention(nn.Module):
         c = config
         self.layer, self.num_heads, self.num_kv_heads = layer, c.num_heads, c.num_kv_heads
         self.head_dim, self.clip, self.window = c.head_dim, c.clip_qkv, c.sliding_window
+        self.decode_kernel = None  # one query row over a bf16 cache (quant.native.decode_attention)
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
@@ -114,11 +116,18 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self._project(x, cos, sin)  # [B, H|K, T, Hd]
         if cache is not None:
-            k, v = cache.update(self.layer, start, k, v)  # [B, K, S, Hd]
-        mask = self._mask(start, T, k.shape[2], x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            cached_k, cached_v = cache.update(self.layer, start, k, v)  # [B, K, S, Hd], the cache's dtype
+            if start > 0 or cached_k.dtype == k.dtype:  # a first prompt attends at full precision
+                k, v = cached_k, cached_v
+        if self.decode_kernel is not None and T == 1 and B == 1 and k.dtype == torch.bfloat16 \
+                and self.window is None:
+            out = self.decode_kernel(q, k, v, self.head_dim ** -0.5)  # [B, H, T, Hd] fp32
+        else:  # a 16-bit cache without the kernel: attention in 16 bits, as SDPA reads the cache
+            mask = self._mask(start, T, k.shape[2], x.device)
+            out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
+                                                 is_causal=mask is None and T > 1,
+                                                 enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(B, T, -1))
 
     def _mask(self, start: int, T: int, S: int, device) -> torch.Tensor | None:
         """None when SDPA's own causal flag (or no mask at all) is exact."""

@@ -50,6 +50,7 @@ class MoEForCausalLM(nn.Module):
         self.config = config
         self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.kv_dtype: torch.dtype | None = None  # the KV cache's; None: the activations' (see api._finish)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -70,7 +71,7 @@ class MoEForCausalLM(nn.Module):
 
     def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
         capacity = capacity or self.config.max_position_embeddings
-        return KVCache(self.config, batch, capacity, self.dtype, self.device)
+        return KVCache(self.config, batch, capacity, self.kv_dtype or self.dtype, self.device)
 
     def _rotary(self, start: int, T: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, Hd] for positions start..start+T, from a table built once (per

@@ -38,12 +38,18 @@ LIBRARY = "moe_edge_int4"
 log = logging.getLogger(__name__)
 
 
+def supported() -> bool:
+    """Whether the kernel can run here, without building it: enabled, a CPU with the
+    instructions it uses, PyTorch's AVX512 packed layout."""
+    from . import int4_cpu
+    return os.environ.get(ENV, "1") != "0" and CPU_FLAGS <= cpu_flags() and int4_cpu.layout_block() == 64
+
+
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the kernel runs here: enabled, a CPU with the instructions it uses, PyTorch's
-    AVX512 packed layout, and built (once per machine; a failed build warns and says no)."""
-    from . import int4_cpu
-    if os.environ.get(ENV, "1") == "0" or not CPU_FLAGS <= cpu_flags() or int4_cpu.layout_block() != 64:
+    """Whether the kernel runs here: `supported`, and built (once per machine; a failed
+    build warns and says no)."""
+    if not supported():
         return False
     try:
         with _BUILDING:
@@ -105,9 +111,10 @@ def _build() -> None:
                  is_python_module=False, verbose=False)
     finally:
         os.environ["PATH"] = path
-    global _MM, _CAT, _MLPS
+    global _MM, _CAT, _MLPS, _ATTEND
     ops = torch.ops.moe_edge
     _MM, _CAT, _MLPS = ops.int4_mm.default, ops.int4_mm_cat.default, ops.mlps.default
+    _ATTEND = ops.decode_attention.default
 
 
 def usable(layer) -> bool:
@@ -168,5 +175,11 @@ def _args(mlp) -> tuple:
     return args
 
 
-_MM = _CAT = _MLPS = None  # the ops, once built (see _build)
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode step's attention over a bf16 KV cache (csrc: `decode_attention`): q fp32
+    [1, H, 1, Hd], k and v bf16 [1, K, S, Hd] views of the cache -> fp32 [1, H, 1, Hd]."""
+    return _ATTEND(q, k, v, scale)
+
+
+_MM = _CAT = _MLPS = _ATTEND = None  # the ops, once built (see _build)
 _BUILDING = threading.Lock()  # lru_cache does not hold a second thread back on a first call
