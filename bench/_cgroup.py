@@ -65,19 +65,28 @@ class MemoryLimit:
         self.path.rmdir()
 
 
-def run_limited(cmd: list[str], limit: int | None, name: str) -> dict:
+def _run(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+    """`cmd`'s result; past `timeout` seconds it is killed and says so (return code None)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        return subprocess.CompletedProcess(cmd, None, out(e.stdout), out(e.stderr) + f"\nnot finished after {timeout:.0f} s")
+
+
+def run_limited(cmd: list[str], limit: int | None, name: str, timeout: float | None = None) -> dict:
     """Drops the caches, runs `cmd` in its own memory group of `limit` bytes and returns the
     JSON object on its last stdout line, with the group's numbers under "cgroup"; a failed
-    run gives "error" and "stderr_tail" instead (an OOM kill says so). With no limit and no
-    cgroups here (not root), `cmd` runs as it is."""
+    run gives "error" and "stderr_tail" instead (an OOM kill says so, as does a run killed
+    after `timeout` seconds). With no limit and no cgroups here (not root), `cmd` runs as it is."""
     if limit and (why := available()):
         raise RuntimeError(f"a memory limit needs a memory cgroup: {why}")
     if available():
-        p, stats = subprocess.run(cmd, capture_output=True, text=True), {}
+        p, stats = _run(cmd, timeout), {}
     else:
         drop_caches()
         with MemoryLimit(name, limit) as group:
-            p = subprocess.run(group.wrap(cmd), capture_output=True, text=True)
+            p = _run(group.wrap(cmd), timeout)
             stats = group.stats()
     stats["oom_killed"] = p.returncode == -9 or stats.get("oom_kills", 0) > 0
     if p.returncode != 0:

@@ -32,7 +32,7 @@ from moe_edge.model.weights import WeightMap
 from moe_edge.quant.format import QuantConfig, dequantize, read_quant_config
 from moe_edge.quant.load import read_gptq
 
-OUT_TYPES = ("F32", "Q4_0")
+OUT_TYPES = ("F32", "F16", "Q4_0")  # Q4_K_M: llama.cpp's quantizer from F16 (compare_llamacpp.ensure_gguf)
 
 
 @dataclass
@@ -85,7 +85,11 @@ def _qtype(name: str, shape: tuple[int, ...], out_type: str):
     and the router stay F32, the output matrix Q8_0 (llama-quantize uses Q6_K, which gguf-py
     cannot write), everything else Q4_0. Rows not a multiple of 32 stay F32."""
     from gguf import GGMLQuantizationType as Q
-    if out_type == "F32" or len(shape) == 1 or name.endswith("ffn_gate_inp.weight") or shape[-1] % 32:
+    if out_type == "F32" or len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
+        return Q.F32
+    if out_type == "F16":  # the source for llama.cpp's own quantizer, as convert_hf_to_gguf writes
+        return Q.F16
+    if shape[-1] % 32:
         return Q.F32
     return Q.Q8_0 if name == "output.weight" else Q.Q4_0
 
@@ -177,7 +181,8 @@ def _metadata(w, c: ModelConfig, lead: int, out_type: str, name: str) -> None:
     w.add_expert_feed_forward_length(c.moe_intermediate_size)
     w.add_expert_weights_scale(1.0)
     w.add_expert_shared_count(c.shared_intermediate_size // c.moe_intermediate_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if out_type == "F32" else gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[out_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -222,7 +227,9 @@ def _encode(e: Entry) -> np.ndarray:
     data = e.load()
     if tuple(data.shape) != e.shape:
         raise ValueError(f"{e.name}: read shape {list(data.shape)}, config.json implies {list(e.shape)}")
-    return np.ascontiguousarray(data, dtype=np.float32) if e.qtype == Q.F32 else quantize(data, e.qtype)
+    if e.qtype in (Q.F32, Q.F16):
+        return np.ascontiguousarray(data, dtype=np.float32 if e.qtype == Q.F32 else np.float16)
+    return quantize(data, e.qtype)
 
 
 def write_gguf(folder: str | Path, out: str | Path, out_type: str = "Q4_0",
@@ -242,8 +249,7 @@ def write_gguf(folder: str | Path, out: str | Path, out_type: str = "Q4_0",
     _metadata(w, c, lead, out_type, folder.name)
     vocab = _vocab(w, folder, c)
     for e in entries:
-        nbytes = int(np.prod(quant_shape_to_byte_shape(e.shape, e.qtype))) if e.qtype not in (
-            gguf.GGMLQuantizationType.F32,) else 4 * int(np.prod(e.shape))
+        nbytes = int(np.prod(quant_shape_to_byte_shape(e.shape, e.qtype)))
         w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), nbytes, raw_dtype=e.qtype)
     w.write_header_to_file(tmp)
     w.write_kv_data_to_file()

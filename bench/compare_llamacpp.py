@@ -96,9 +96,10 @@ def _buft_overrides(pattern: str, buft_name: bytes):
 
 
 def llama_open(path: str, context: int, threads: int, logits_all: bool = False,
-               flash_attn: bool = False, mmap: bool = False, avoid_amx: bool = False):
+               flash_attn: bool = False, mmap: bool = False, avoid_amx: bool = False, repack: bool = True):
     """A llama_cpp.Llama; `avoid_amx` (for Q4_0 files only: CPU_REPACK has no F32 layout)
-    moves the dense Q4_0 weights from the AMX buffer to CPU_REPACK."""
+    moves the dense Q4_0 weights from the AMX buffer to CPU_REPACK; `repack` False
+    (`use_extra_bufts`) keeps every weight in the file's own layout (with mmap: file pages)."""
     import ctypes
 
     import llama_cpp.llama_cpp as api
@@ -108,6 +109,7 @@ def llama_open(path: str, context: int, threads: int, logits_all: bool = False,
 
     def with_overrides():  # Llama() offers no way to pass tensor_buft_overrides
         params = default_params()
+        params.use_extra_bufts = repack
         if overrides is not None:
             params.tensor_buft_overrides = ctypes.addressof(overrides)
         return params
@@ -248,8 +250,13 @@ def teacher_forced(model, gguf: Path, seq: list[int], threads: int) -> dict:
 # ---- orchestration --------------------------------------------------------------------------
 
 def ensure_gguf(folder: str, out_type: str, path: Path | None = None) -> Path:
+    """`folder` as a GGUF file of `out_type` in build/gguf/ (written once, then reused):
+    F32, F16 and Q4_0 by bench/_gguf.py; Q4_K_M (what users download) by llama.cpp's own
+    quantizer from the F16 file, as `llama-quantize` makes it."""
     from _gguf import write_gguf  # bench/ is on sys.path when a script runs
     path = path or GGUF_DIR / f"{Path(folder).name}-{out_type.lower()}.gguf"
+    if out_type == "Q4_K_M" and not path.exists():
+        llama_quantize(ensure_gguf(folder, "F16"), path, out_type)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -257,6 +264,20 @@ def ensure_gguf(folder: str, out_type: str, path: Path | None = None) -> Path:
         print(f"wrote {path} ({info['bytes'] / 2**30:.2f} GiB, {time.perf_counter() - t0:.0f} s): "
               f"{info['tensor_types']}; vocab: {info['vocab']}", file=sys.stderr)
     return path
+
+
+def llama_quantize(src: Path, out: Path, out_type: str) -> None:
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{out_type}")
+    params.nthread = os.cpu_count() or 1
+    tmp = out.with_name(out.name + ".partial")
+    t0 = time.perf_counter()
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize {src} -> {out_type} failed")
+    tmp.replace(out)
+    print(f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB, {time.perf_counter() - t0:.0f} s) "
+          f"with llama.cpp's quantizer", file=sys.stderr)
 
 
 def summarise(runs: list[dict], engine: str, active: int) -> dict:

@@ -18,8 +18,13 @@ disk (written under build/memlimit/ once). Engines:
 - naive: moe-edge's dense part and disk store, no expert cache (bench/offload_baselines.py).
 - accelerate: transformers + accelerate disk offload, bf16, `max_memory` the limit less the
   allowance.
-- llama.cpp: llama-cpp-python is not installed (PyPI has only an sdist: a long C++ build on
-  2 cores), so it is listed as skipped.
+- llama.cpp:FORMAT[:no-repack] (FORMAT Q4_0 or Q4_K_M): llama-cpp-python (`pip install
+  .[llamacpp]`: an sdist, a C++ build), mmap on, in bench/_llama_worker.py (no torch in its
+  process). Q4_0 is bench/_gguf.py's re-rounding of the same weights; Q4_K_M, the format users
+  download, is llama.cpp's own quantizer run on an F16 GGUF of them. By default its CPU
+  backend repacks weights into anonymous memory at load; `no-repack` keeps them file pages.
+  Per limit, `llama.cpp best` is the fastest of these that finished. `deepseek` checkpoints
+  only (bench/_gguf.py's converter), e.g. the 16B-sized demo (bench/inflate.py).
 
 `--limit` takes bytes or a size ("4GiB"), "none", or "dense+P%": the dense part plus P% of
 the routed experts, both as moe-edge holds them at runtime (moe_edge.info.model_info, from
@@ -55,8 +60,8 @@ from offload_baselines import (Accelerate, MoeEdge, bench_parser, emit, measure,
 from moe_edge.info import model_info
 from moe_edge.offload.plan import parse_size
 
-ENGINES = ("moe-edge", "moe-edge-sized", "resident", "naive", "accelerate")
-SKIPPED = {"llama.cpp": "not installed: llama-cpp-python has only an sdist on PyPI (a long C++ build on 2 cores)"}
+LLAMA = ("llama.cpp:Q4_0", "llama.cpp:Q4_0:no-repack", "llama.cpp:Q4_K_M", "llama.cpp:Q4_K_M:no-repack")
+ENGINES = ("moe-edge", "moe-edge-sized", "resident", "naive", "accelerate", *LLAMA)
 UNLIMITED = {"resident"}  # the bar runs with every weight in RAM
 
 
@@ -115,14 +120,41 @@ def parse_limit(text: str, info, allowance: int) -> tuple[int | None, str]:
             f"dense {info.dense_bytes} + {share:g} x experts {experts} + allowance {allowance} bytes")
 
 
+# --- llama.cpp -------------------------------------------------------------------------------
+def llama_skipped(args) -> dict[str, str]:
+    """Why the llama.cpp engines cannot run here, if they cannot."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        reason = "llama-cpp-python is not installed (pip install .[llamacpp])"
+    else:
+        model_type = json.loads((args.model / "config.json").read_text())["model_type"]
+        reason = None if model_type == "deepseek" else f"bench/_gguf.py writes deepseek checkpoints, not {model_type}"
+    return {e: reason for e in LLAMA if e in args.engines and reason}
+
+
+def llama_cmd(args, engine: str) -> list[str]:
+    """bench/_llama_worker.py for `engine`, its GGUF written first (build/gguf/, reused)."""
+    from compare_llamacpp import ensure_gguf
+    _, fmt, *rest = engine.split(":")
+    gguf = ensure_gguf(str(args.model), fmt)
+    prompts = args.work / "prompts.json"
+    vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
+    prompts.write_text(json.dumps({"prompt": prompt_ids(args, vocab), "warmup": random_prompt(vocab, 16, seed=1)}))
+    return [sys.executable, str(Path(__file__).with_name("_llama_worker.py")), "--gguf", str(gguf),
+            "--prompts", str(prompts), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+            *(["--no-repack"] if rest == ["no-repack"] else [])]
+
+
 # --- the driver ------------------------------------------------------------------------------
 def run_engine(args, engine: str, limit: int | None) -> dict:
     limit = None if engine in UNLIMITED else limit
     budget = limit - args.allowance if limit else 0
-    cmd = worker_cmd(__file__, args, engine, "--budget", str(budget), "--text", args.text)
+    cmd = llama_cmd(args, engine) if engine in LLAMA else worker_cmd(
+        __file__, args, engine, "--budget", str(budget), "--text", args.text)
     print(f"[{time.strftime('%H:%M:%S')}] {engine}, limit {f'{limit / 2**30:.2f} GiB' if limit else 'none'} ...",
           file=sys.stderr, flush=True)
-    r = {"engine": engine, "limit_bytes": limit, **run_limited(cmd, limit, "memlimit")}
+    r = {"engine": engine, "limit_bytes": limit, **run_limited(cmd, limit, "memlimit", args.run_timeout)}
     if "error" not in r:
         print(f"    {r['decode_tps']:.2f} tok/s decode, {r['prompt_tps']:.1f} prompt, peak "
               f"{r['cgroup'].get('peak_bytes', 0) / 2**30:.2f} GiB", file=sys.stderr, flush=True)
@@ -155,6 +187,20 @@ def engine_summary(mine: list[dict], new_tokens: int, bar: list[int] | None) -> 
     return out
 
 
+def ratios(results: dict) -> dict:
+    """moe-edge's decode tok/s over each other engine's under the same limit (and over the
+    resident bar); `llama.cpp best` is the fastest llama.cpp configuration that finished."""
+    tps = {e: r["decode_tps"] for e, r in results.items() if r.get("decode_tps")}
+    if "moe-edge" not in tps:
+        return {}
+    out = {f"vs {e}": round(tps["moe-edge"] / t, 2) for e, t in tps.items() if e != "moe-edge"}
+    llama = {e: t for e, t in tps.items() if e in LLAMA}
+    if llama:
+        best = max(llama, key=llama.get)
+        out.update({"vs llama.cpp best": round(tps["moe-edge"] / llama[best], 2), "llama.cpp best is": best})
+    return out
+
+
 def summarise(runs: list[dict], args, info) -> dict:
     bar = next((r["tokens"] for r in runs if r["engine"] == "resident" and "error" not in r), None)
     limits = []
@@ -162,13 +208,14 @@ def summarise(runs: list[dict], args, info) -> dict:
         mine = [r for r in runs if r["limit_text"] == text]
         results = {e: engine_summary([r for r in mine if r["engine"] == e], args.new_tokens, bar)
                    for e in args.engines}
-        limits.append({"limit": text, "limit_bytes": limit, "rule": rule, "results": results})
+        limits.append({"limit": text, "limit_bytes": limit, "rule": rule, "results": results,
+                       "moe_edge_ratios": ratios(results)})
     keep = ("checkpoint_bytes", "dense_bytes", "expert_bytes", "moe_layers", "experts_per_layer", "top_k")
     return {"model": str(args.model), "shape": args.shape, "model_info": {k: getattr(info, k) for k in keep},
             "allowance_bytes": args.allowance, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "threads": args.threads, "unlimited": sorted(UNLIMITED & set(args.engines)),
             "order": "engines rotated each repeat, one subprocess and memory cgroup per run, caches dropped first",
-            "limits": limits, "skipped": SKIPPED, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "limits": limits, "skipped": args.skipped, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "commit": _commit(), "command": " ".join(["python", *sys.argv]),
             "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs]}
 
@@ -185,6 +232,7 @@ def main() -> None:
     ap.add_argument("--limit", default="dense+50%", help="bytes, a size, none, or dense+P%%; comma-separated")
     ap.add_argument("--allowance", default="768MiB", help="runtime memory a dense+P%% limit adds")
     ap.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--run-timeout", type=float, default=600, help="seconds before a run is killed (and says so)")
     ap.add_argument("--text", choices=["random", "heldout"], default="random",
                     help="prompt: random ids, or the demo's held-out text (trained models)")
     if not (args := parse_or_work(ap, worker)):
@@ -192,6 +240,8 @@ def main() -> None:
     args.allowance = parse_size(args.allowance)
     info = model_info(args.model, "cpu")
     args.limits = [(t, *parse_limit(t, info, args.allowance)) for t in args.limit.split(",")]
+    args.skipped = llama_skipped(args)
+    args.engines = [e for e in args.engines if e not in args.skipped]
     runs = [{"limit_text": text, **run_engine(args, engine, limit)}
             for text, limit, _ in args.limits for engine in rotated(args.engines, args.repeats)]
     emit(summarise(runs, args, info), args.out)
