@@ -313,24 +313,29 @@ def _model_id(spec: str | None, path) -> str:
 @click.option("-c", "--ctx-size", type=click.IntRange(16), default=4096, show_default=True)
 @click.option("--lm-head", type=click.Choice(["auto", "int8", "stored"]), default="auto", show_default=True,
               help="Plan for this lm_head (see chat --help).")
+@click.option("--forecast", is_flag=True,
+              help="Probe memory and disk (~1 s, 64 MiB written and removed) for the decode rate to expect.")
 @click.option("--offline", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @VERBOSE
-def info(model, devices, expert_cache, device, dtype, ctx_size, lm_head, offline, as_json):
+def info(model, devices, expert_cache, device, dtype, ctx_size, lm_head, forecast, offline, as_json):
     """Architecture, parameters (total and active), experts, quantization and memory plan
     of MODEL (default: the bundled demo), read from headers only."""
     from . import cli_ui
     from .api import resolve_device, resolve_dtype
     from .info import devices as list_devices, model_info
+    from .offload.forecast import measure_forecast
     dev = resolve_device(device)
     cache = int(expert_cache) if expert_cache.isdigit() else expert_cache
     result = model_info(_resolve(model, offline)[0], dev, resolve_dtype(dtype, dev), cache, ctx_size,
                         lm_head=lm_head)
     found = list_devices() if devices else None
+    expect = measure_forecast(result) if forecast and result.plan else None
     if as_json:
-        cli_ui.echo_json({**result.to_dict(), **({"devices": found} if found else {})})
+        cli_ui.echo_json({**result.to_dict(), **({"devices": found} if found else {}),
+                          **({"forecast": expect.to_dict()} if expect else {})})
         return
-    click.echo(cli_ui.info_text(result))
+    click.echo(cli_ui.info_text(result, expect))
     if found:
         click.echo(cli_ui.devices_text(found))
 

@@ -110,13 +110,24 @@ def plan_line(plan) -> str:
 LM_HEAD_INT8 = "lm_head       int8, a scale per row (--lm-head stored keeps the checkpoint's)"
 
 
-def info_text(info) -> str:
+def info_text(info, forecast=None) -> str:
     lines = model_lines(info)
     lines.append(f"checkpoint    {size(info.checkpoint_bytes)}")
     if info.lm_head_int8:
         lines.append(LM_HEAD_INT8)
     lines.append("plan          " + (plan_line(info.plan) if info.plan else f"none: {info.plan_error}"))
+    if forecast is not None:
+        lines.append("forecast      " + forecast_line(forecast))
     return "\n".join(lines)
+
+
+def forecast_line(f) -> str:
+    tier = f"disk {f.storage_gbps:.2f} GB/s" if f.storage_gbps else "RAM"
+    if not f.misses_per_token:
+        return f"decode up to {f.resident_tps:.1f} tok/s (memory {f.memory_gbps:.1f} GB/s, every expert cached)"
+    return (f"decode {f.no_reuse_tps:.1f}-{f.resident_tps:.1f} tok/s: {f.resident_tps:.1f} at memory bandwidth "
+            f"({f.memory_gbps:.1f} GB/s), {f.no_reuse_tps:.1f} if routing has no reuse ({f.misses_per_token:.1f} "
+            f"expert reads a token, {f.miss_ms:.1f} ms each from {tier}); trained routers land between")
 
 
 def devices_text(devices: list[dict]) -> str:

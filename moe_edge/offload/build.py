@@ -57,6 +57,11 @@ def expert_module(weights: WeightMap, config: ModelConfig, quant: QuantConfig | 
     return module
 
 
+def store_root(offload_dir: str | Path | None = None) -> Path:
+    """Where disk stores live: `offload_dir`, else $MOE_EDGE_CACHE, else ~/.cache/moe-edge/experts."""
+    return Path(offload_dir or os.environ.get("MOE_EDGE_CACHE") or Path.home() / ".cache" / "moe-edge" / "experts")
+
+
 def build_store(weights: WeightMap, config: ModelConfig, quant: QuantConfig | None,
                 device: torch.device, dtype: torch.dtype, kernel: str, slow_tier: str,
                 offload_dir: str | Path | None = None, keep16: bool = False):
@@ -75,8 +80,7 @@ def build_store(weights: WeightMap, config: ModelConfig, quant: QuantConfig | No
                                       folder, index_of, keep16)
     if slow_tier != "disk":
         return (*convert(None), index_of)
-    folder = Path(offload_dir or os.environ.get("MOE_EDGE_CACHE") or Path.home() / ".cache" / "moe-edge" / "experts")
-    folder = folder / fingerprint(weights.reader, device, dtype, kernel, keep16)
+    folder = store_root(offload_dir) / fingerprint(weights.reader, device, dtype, kernel, keep16)
     with _locked(folder):
         cached = _open_cached(folder)
         return (*(cached or convert(folder)), index_of)

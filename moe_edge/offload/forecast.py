@@ -8,7 +8,7 @@ cached with probability slots/E, so a token misses top_k x moe_layers x (1 - slo
 each an expert-sized read from the slow tier. Trained routers reuse more (bench/trace.py), so
 the forecast is a floor for the cache and a ceiling for the kernels (full memory bandwidth).
 
->>> f = forecast(model_info("ckpt"), memory_bps=probe_memory(), storage_bps=probe_storage("~/.cache"))
+>>> f = measure_forecast(model_info("ckpt", expert_cache="50%"))
 >>> f.no_reuse_tps, f.resident_tps  # what to expect lies between
 """
 
@@ -25,6 +25,10 @@ from pathlib import Path
 import torch
 
 PROBE_BYTES = 64 * 2**20
+# Per decoder layer and token, what a step costs beyond reading weights (Python dispatch, small
+# ops): 1.2 ms for the demo's 4 layers on a 2-core AMD EPYC (bench/profile_decode.py); it
+# dominates small models, and is noise beside a 16B layer's ~40 MB of weights.
+STEP_SECONDS_PER_LAYER = 3e-4
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Forecast:
     active_bytes: int  # weight bytes one decode token reads
     misses_per_token: float  # slow-tier reads a token makes with no routing reuse
     miss_ms: float  # one expert read from the slow tier
-    resident_tps: float  # the ceiling: every expert cached, at full memory bandwidth
+    resident_tps: float  # the ceiling: every expert cached, weights read at full memory bandwidth
     no_reuse_tps: float  # the floor: the plan's cache, routing without reuse
 
     def to_dict(self) -> dict:
@@ -72,10 +76,17 @@ def probe_storage(folder: str | Path, record: int, reads: int = 4, nbytes: int =
         return count * record / (time.perf_counter() - t0)
 
 
+def measure_forecast(info, offload_dir: str | Path | None = None, reads: int = 4) -> Forecast:
+    """`forecast` with this machine's probes: memory, and where the disk store would go."""
+    from .build import store_root
+    storage = probe_storage(store_root(offload_dir), info.expert_bytes, reads) if info.plan.slow_tier == "disk" else None
+    return forecast(info, probe_memory(), storage)
+
+
 def forecast(info, memory_bps: float, storage_bps: float | None) -> Forecast:
     """The decode rates `info.plan` can expect (see the module docstring for the model)."""
     plan = info.plan
-    compute_s = info.active_bytes / memory_bps
+    compute_s = info.active_bytes / memory_bps + info.layers * STEP_SECONDS_PER_LAYER
     missing = 1 - plan.slots_per_layer / info.experts_per_layer
     misses = info.top_k * info.moe_layers * missing
     miss_s = info.expert_bytes / storage_bps if storage_bps else info.expert_bytes / memory_bps
