@@ -89,10 +89,6 @@ class ModelConfig:
         if self.intermediate_size < 0 or self.shared_intermediate_size < 0:
             raise ConfigError("intermediate sizes must not be negative; restore config.json from "
                               "the original checkpoint")
-        if not any(self.moe_layers):
-            raise ConfigError("no layer has routed experts (check num_hidden_layers, "
-                              "first_k_dense_replace, moe_layer_freq / decoder_sparse_step, "
-                              "mlp_only_layers); moe-edge runs MoE models only")
         if self.torch_dtype not in FLOAT_DTYPES:
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not a float type; use one of "
                               f"{', '.join(FLOAT_DTYPES)}")
@@ -155,7 +151,12 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         common.update(reader(raw))
     except KeyError as e:
         raise ConfigError(f"field {e.args[0]!r} is missing (model_type {model_type!r})") from None
-    return ModelConfig(model_type=model_type, **common)
+    config = ModelConfig(model_type=model_type, **common)
+    if not any(config.moe_layers):  # a checkpoint, not a part built alone (one attention layer)
+        raise ConfigError("no layer has routed experts (check num_hidden_layers, "
+                          "first_k_dense_replace, moe_layer_freq / decoder_sparse_step, "
+                          "mlp_only_layers); moe-edge runs MoE models only")
+    return config
 
 
 def _unsupported(model_type: Any) -> str:

@@ -109,3 +109,9 @@ def test_generation_config_numbers_pass_through(tmp_path):
     f.write_text(json.dumps({"temperature": 1, "top_k": 40, "do_sample": True, "eos_token_id": [1, 2]}))
     assert read_generation_json(f) == {"temperature": 1.0, "top_k": 40, "do_sample": True, "eos_token_id": [1, 2]}
     assert read_generation_json(tmp_path / "absent.json") == {}
+
+
+def test_a_checkpoint_without_moe_layers_is_refused(tmp_path):
+    write(tmp_path, deepseek_config(moe_layer_freq=5))  # layers 1 and 2: none a multiple of 5
+    with pytest.raises(ConfigError, match="no layer has routed experts"):
+        load_config(tmp_path)
