@@ -3,6 +3,7 @@ widths, computing the same function (same logits up to float rounding, same expe
 
     python bench/inflate.py moe_edge/demo/deepseek-moe-tiny-gptq build/demo-16b-gptq
     python bench/inflate.py moe_edge/demo/deepseek-moe-tiny build/demo-16b
+    python bench/inflate.py moe_edge/demo/deepseek-moe-tiny-gptq build/demo-16b-x3-gptq --repeat 3
 
 Offloading is only as good as the routing it meets: a random model routes near uniformly,
 real ones reuse experts. This keeps the demo's trained routing and gives every expert the
@@ -18,6 +19,12 @@ a memory limit meet real sizes and real reuse. How the function is kept:
   1/sqrt(128) * 2 = 1/sqrt(32); the extra heads have zero q, k, v and o columns;
 - GPTQ tensors (a GPTQ source) are padded on the integer grid: padded weights get q equal
   to their zero point, so they dequantise to exactly 0; q_proj's scales are doubled.
+
+`--repeat K` then stacks the MoE layers K times (the demo's 3 become 3K, each copy with its
+trained weights and router), so the checkpoint is K times the size of the demo's 1 GB: a
+model larger than a memory limit for every engine, llama.cpp's ~60 MB runtime included. It
+no longer computes the demo's function (a copy of layer 1 meets layer 3's output), but its
+routers are still trained ones reading a structured residual stream, not random ones.
 """
 # H=hidden, Hd=head dim, I=MLP width, N=out features, K=in features, G=groups
 
@@ -166,6 +173,31 @@ def inflate(src: Path, dst: Path, target: dict = TARGET) -> Path:
     return dst
 
 
+def repeat_layers(src: Path, dst: Path, repeats: int) -> Path:
+    """`src` with its MoE layers stacked `repeats` times (dense leading layers once)."""
+    config = json.loads((src / "config.json").read_text())
+    lead, layers = config.get("first_k_dense_replace", 0), config["num_hidden_layers"]
+    reader = CheckpointReader(src)
+    layer_of = re.compile(r"^model\.layers\.(\d+)\.")
+    with ShardedWriter(dst, max_shard_bytes=2**30, overwrite=True) as w:
+        for name in sorted(reader.keys()):
+            m = layer_of.match(name)
+            if m is None:
+                w.add(name, reader.get(name))
+                continue
+            i = int(m[1])
+            copies = [i] if i < lead else [i + r * (layers - lead) for r in range(repeats)]
+            tensor = reader.get(name)
+            for j in copies:  # each copy its own storage (safetensors refuses shared memory)
+                w.add(f"model.layers.{j}.{name[m.end():]}", tensor.clone())
+        w.write_json("config.json", {**config, "num_hidden_layers": lead + repeats * (layers - lead)})
+        w.commit()
+    for f in src.iterdir():
+        if f.suffix in (".json", ".jinja") and not f.name.startswith(("config", "model.")):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
 def _fields(t: GPTQTensors) -> tuple[torch.Tensor, ...]:
     return t.qweight, t.qzeros, t.scales, t.g_idx
 
@@ -174,11 +206,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", type=Path)
     ap.add_argument("dst", type=Path)
+    ap.add_argument("--repeat", type=int, default=1, help="stack the MoE layers this many times")
     args = ap.parse_args()
-    out = inflate(args.src, args.dst)
+    if args.repeat > 1:
+        once = inflate(args.src, args.dst.with_name(args.dst.name + ".once"))
+        out = repeat_layers(once, args.dst, args.repeat)
+        shutil.rmtree(once)
+    else:
+        out = inflate(args.src, args.dst)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(json.dumps({"src": str(args.src), "dst": str(out), "bytes": size, "config": Inflation(
-        json.loads((args.src / "config.json").read_text())).config()}, default=str))
+    print(json.dumps({"src": str(args.src), "dst": str(out), "bytes": size,
+                      "config": json.loads((out / "config.json").read_text())}, default=str))
 
 
 if __name__ == "__main__":

@@ -52,3 +52,23 @@ def test_inflating_refuses_inexact_factors(tmp_path):
     src = write_checkpoint(tmp_path / "fp", "deepseek", tokenizer=False)
     with pytest.raises(ValueError, match="square factor"):
         inflate(src, tmp_path / "x", dict(TARGET, hidden_size=128))  # 2x: norms would need sqrt(2)
+
+
+def test_repeated_layers_stack_the_moe_layers_with_their_weights(tmp_path):
+    """--repeat K: the leading dense layers once, then the MoE layers K times over, each copy
+    the same tensors as its source layer; the result loads and runs."""
+    from inflate import repeat_layers
+
+    from moe_edge.checkpoint import CheckpointReader
+    src = write_checkpoint(tmp_path / "src", "deepseek", seed=2, first_k_dense_replace=1, num_hidden_layers=3)
+    dst = repeat_layers(src, tmp_path / "x3", 3)
+    a, b = CheckpointReader(src), CheckpointReader(dst)
+    source_of = {0: 0, 1: 1, 2: 2, 3: 1, 4: 2, 5: 1, 6: 2}
+    for j, i in source_of.items():
+        for name in (n for n in a.keys() if n.startswith(f"model.layers.{i}.")):
+            assert torch.equal(b.get(f"model.layers.{j}." + name[len(f"model.layers.{i}."):]), a.get(name))
+    assert not any(n.startswith("model.layers.7.") for n in b.keys())
+    model = load_model(dst, device="cpu", dtype="float32")
+    assert model.config.num_layers == 7 and len(model.moe_blocks()) == 6
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[3, 4, 5]]))).all()
