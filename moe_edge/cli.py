@@ -155,6 +155,15 @@ def main() -> None:
 
 # --- loading -------------------------------------------------------------------------------
 
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"stdin: byte {e.start} ({data[e.start:e.start + 1]!r}) is not UTF-8; "
+                          "pipe UTF-8 text (e.g. through iconv -t utf-8)") from None
+
+
 def _resolve(model: str | None, offline: bool):
     """(folder, is_demo) for a MODEL argument: None or `demo` is the bundled demo."""
     from .hub import resolve_model
@@ -208,7 +217,7 @@ def chat(model, prompt, interactive, as_json, device, dtype, expert_cache, prefe
     from .cli_ui import banner
     model = _resolve(model, offline)
     one_shot = prompt is not None or (not interactive and not sys.stdin.isatty())
-    text = (prompt if prompt is not None else sys.stdin.read()).strip() if one_shot else ""
+    text = (prompt if prompt is not None else _read_stdin()).strip() if one_shot else ""
     if one_shot and not text:
         raise ConfigError("nothing to answer: the prompt is empty (run `moe-edge chat` in a "
                           "terminal for a conversation)")
@@ -238,7 +247,7 @@ def generate(model, prompt, raw, as_json, device, dtype, expert_cache, prefetch_
     """One-shot completion of PROMPT with MODEL, for scripts (stats on stderr)."""
     from .chat import ChatSession, Reply
     model = _resolve(model, offline)
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = _read_stdin() if prompt == "-" else prompt
     lm, _, context, _, _ = _load(model, device, dtype, expert_cache, prefetch_depth, no_prefetch,
                                  threads, ctx_size, lm_head)
     session = ChatSession(lm, system_prompt, context,

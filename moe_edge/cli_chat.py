@@ -37,6 +37,9 @@ class Repl:
             except KeyboardInterrupt:
                 err("\nUse Ctrl-D or /bye to exit.")
                 continue
+            except UnicodeDecodeError:
+                err("That line was not UTF-8; type it again.")
+                continue
             except EOFError:
                 err()
                 return

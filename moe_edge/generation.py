@@ -4,7 +4,6 @@ kept from one generation to the next (PrefixCache)."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -55,13 +54,8 @@ class SamplingParams:
 
 def read_generation_config(folder: str | Path, eos_token_ids: Sequence[int] = ()) -> SamplingParams:
     """Defaults from the model's generation_config.json (greedy when do_sample is false)."""
-    file = Path(folder) / "generation_config.json"
-    raw = {}
-    if file.exists():
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    from .config import read_generation_json
+    raw = read_generation_json(Path(folder) / "generation_config.json")  # fields typed, or one line naming them
     eos = raw.get("eos_token_id", list(eos_token_ids))
     eos = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
     sampled = raw.get("do_sample", True)

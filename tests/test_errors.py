@@ -109,3 +109,10 @@ def test_cli_generate_runs(tiny_deepseek):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["generated_tokens"] <= 5 and out["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("args", [["generate", "demo", "-p", "-"], ["chat"]])
+def test_stdin_that_is_not_utf8_is_one_line(args):
+    result = CliRunner().invoke(main, args, input=b"caf\xe9 au lait\n")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "stdin: byte 3" in result.output and "is not UTF-8" in result.output
