@@ -45,7 +45,6 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ from pathlib import Path
 
 import torch
 from _cgroup import run_limited  # bench/ is on sys.path when a script runs
-from _machine import machine
+from _machine import commit, machine
 from offload_baselines import (Accelerate, MoeEdge, bench_parser, emit, measure, parse_or_work, random_prompt,
                                rotated, worker_cmd)
 
@@ -216,15 +215,8 @@ def summarise(runs: list[dict], args, info) -> dict:
             "repeats": args.repeats, "threads": args.threads, "unlimited": sorted(UNLIMITED & set(args.engines)),
             "order": "engines rotated each repeat, one subprocess and memory cgroup per run, caches dropped first",
             "limits": limits, "skipped": args.skipped, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-            "commit": _commit(), "command": " ".join(["python", *sys.argv]),
+            "commit": commit(), "command": " ".join(["python", *sys.argv]),
             "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs]}
-
-
-def _commit() -> str:
-    """HEAD, and which moe_edge/ files differ from it (they change what is measured)."""
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
-    dirty = git("status", "--porcelain", "--", "moe_edge").splitlines()
-    return git("rev-parse", "--short", "HEAD") + (f" + uncommitted {', '.join(l[3:] for l in dirty)}" if dirty else "")
 
 
 def main() -> None:

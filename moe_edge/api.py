@@ -18,7 +18,7 @@ from .checkpoint import CheckpointReader
 from .config import ModelConfig, load_config
 from .errors import ConfigError
 from .memory import trim_heap
-from .generation import GenerationResult, SamplingParams, TextStream, read_generation_config
+from .generation import GenerationResult, PrefixCache, SamplingParams, TextStream, read_generation_config
 from .model import MoEForCausalLM
 from .info import keeps_bf16, kv_dtype
 from .model.layers import keep_bf16
@@ -132,6 +132,7 @@ class LoadedModel:
     path: Path
     defaults: SamplingParams
     offload: "OffloadRuntime | None" = None
+    prefix: PrefixCache | None = None  # kept between calls: a prompt that extends the last prefills only the rest
 
     def offload_stats(self):
         """Hits, misses, prefetches, bytes moved, stall time, per MoE layer (None if resident)."""
@@ -150,9 +151,13 @@ class LoadedModel:
 
     def stream(self, prompt: str | Sequence[int], context: int | None = None,
                **sampling) -> TextStream:
-        """Text pieces as they are generated, for a raw prompt (no chat template)."""
+        """Text pieces as they are generated, for a raw prompt (no chat template). The KV
+        cache is kept: a next prompt that starts with this one and its reply (a conversation's
+        next turn) prefills only what is new."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return TextStream(self.model, self.tokenizer, ids, self.defaults.with_(**sampling), context)
+        self.prefix = self.prefix or PrefixCache(self.model)
+        return TextStream(self.model, self.tokenizer, ids, self.defaults.with_(**sampling), context,
+                          cache=self.prefix)
 
     def generate(self, prompt: str | Sequence[int], context: int | None = None,
                  **sampling) -> GenerationResult:

@@ -175,3 +175,16 @@ def test_clear_interrupt_and_dropped_exchanges_recompute_what_changed(resident):
         prompt = r.stream.prompt_ids
         assert r.result.token_ids == list(generate_ids(resident.model, prompt, params))
         assert r.result.cached_tokens < len(prompt)
+
+
+def test_loaded_model_calls_reuse_the_last_conversation():
+    """lm.chat on a conversation that extends the previous call's prefills only the new
+    tokens, and replies as a fresh model does (fp32 demo: reuse is exact there)."""
+    fp = DEMO.parent / "deepseek-moe-tiny"
+    lm, fresh = load(fp, dtype="float32"), load(fp, dtype="float32")
+    first = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    reply = lm.chat(first, temperature=0, max_new_tokens=12)
+    second = first + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And subtract?"}]
+    again = lm.chat(second, temperature=0, max_new_tokens=12)
+    assert again.cached_tokens > reply.prompt_tokens // 2
+    assert again.token_ids == fresh.chat(second, temperature=0, max_new_tokens=12).token_ids
