@@ -24,7 +24,9 @@ disk (written under build/memlimit/ once). Engines:
   download, is llama.cpp's own quantizer run on an F16 GGUF of them. By default its CPU
   backend repacks weights into anonymous memory at load; `no-repack` keeps them file pages.
   Per limit, `llama.cpp best` is the fastest of these that finished. `deepseek` checkpoints
-  only (bench/_gguf.py's converter), e.g. the 16B-sized demo (bench/inflate.py).
+  only (bench/_gguf.py's converter), e.g. the 16B-sized demo (bench/inflate.py); use its
+  `--repeat 3` copy for a model larger than the limits for llama.cpp too (its runtime is ~60
+  MiB against moe-edge's ~450, so the 1x copy's 0.98 GiB file fits them).
 
 `--limit` takes bytes or a size ("4GiB"), "none", or "dense+P%": the dense part plus P% of
 the routed experts, both as moe-edge holds them at runtime (moe_edge.info.model_info, from
