@@ -2,7 +2,8 @@
 
 Each setting loads the model offloaded, warms the cache, then `repeats` times prefills a
 held-out prompt and decodes the text after it one token per step (following the text, so
-that routing is that of real text: evaluate.forced_decode); rows report medians.
+that routing is that of real text: evaluate.forced_decode); rows report medians, beside the
+range `moe-edge info --forecast` gives for that plan (offload/forecast.py, probed once).
 
 >>> rows = sweep("model-gptq-w4g128", caches=["25%", "100%"], depths=[0, 1])
 """
@@ -19,22 +20,43 @@ import torch
 
 from .api import load_offloaded
 from .evaluate import forced_decode, heldout_ids
+from .info import model_info
 from .memory import trim_heap
+from .offload.build import store_root
+from .offload.forecast import forecast, probe_memory, probe_storage
 
 
 def sweep(path: str | Path, caches: Sequence[str] = ("25%", "50%", "100%"),
           depths: Sequence[int] = (0, 1, 2), prompt_tokens: int = 128, new_tokens: int = 64,
           repeats: int = 3, device: str = "auto", dtype=None, slow_tier: str = "auto",
           offload_dir=None, progress: Callable[[dict], None] | None = None) -> list[dict]:
-    rows = []
+    rows, probes = [], None
     for cache in caches:
+        info = _plan(path, cache, device, dtype, prompt_tokens + new_tokens + 8, slow_tier)
+        probes = probes or _probes(info, offload_dir)
+        expect = forecast(info, *probes) if info.plan else None
         for depth in depths:
             row = _measure(path, cache, depth, prompt_tokens, new_tokens, repeats, device, dtype,
                            slow_tier, offload_dir)
+            if expect:
+                row.update(forecast_no_reuse_tps=expect.no_reuse_tps, forecast_resident_tps=expect.resident_tps)
             rows.append(row)
             if progress:
                 progress(row)
     return rows
+
+
+def _plan(path, cache, device, dtype, context: int, slow_tier: str):
+    """The plan `load_offloaded` will make, from headers (model_info)."""
+    from .api import resolve_device, resolve_dtype
+    dev = resolve_device(device)
+    tier = None if slow_tier == "auto" else slow_tier
+    return model_info(path, dev, resolve_dtype(dtype, dev), cache, context, slow_tier=tier)
+
+
+def _probes(info, offload_dir) -> tuple[float, float | None]:
+    disk = info.plan is not None and info.plan.slow_tier == "disk"
+    return probe_memory(), probe_storage(store_root(offload_dir), info.expert_bytes) if disk else None
 
 
 def _measure(path, cache, depth, prompt_tokens, new_tokens, repeats, device, dtype, slow_tier,

@@ -217,8 +217,14 @@ BENCH_COLUMNS = [("expert_cache", "cache", "{}"), ("prefetch_depth", "prefetch",
 
 
 def bench_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(title for _, title, _ in BENCH_COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in BENCH_COLUMNS) + "|"
+    head = "| " + " | ".join(title for _, title, _ in BENCH_COLUMNS) + " | forecast tok/s |"
+    rule = "|" + "|".join("---" for _ in BENCH_COLUMNS) + "|---|"
     body = ["| " + " | ".join(size(r[key]) if fmt == "size" else fmt.format(r[key])
-                              for key, _, fmt in BENCH_COLUMNS) + " |" for r in rows]
+                              for key, _, fmt in BENCH_COLUMNS) + f" | {_forecast_cell(r)} |" for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def _forecast_cell(row: dict) -> str:
+    if "forecast_resident_tps" not in row:
+        return ""
+    return f"{row['forecast_no_reuse_tps']:.1f}-{row['forecast_resident_tps']:.1f}"

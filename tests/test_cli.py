@@ -218,8 +218,12 @@ def test_bench_sweeps_caches_and_depths(gptq):
     full = [row for row in rows if row["expert_cache"] == "100%"]
     assert all(row["hit_rate"] == 1.0 and row["bytes_paged"] == 0 for row in full)  # warmed
     assert all(row["decode_tps"] > 0 for row in rows)
+    half = rows[0]  # beside the measured rate, the range `info --forecast` gives for the plan
+    assert 0 < half["forecast_no_reuse_tps"] < half["forecast_resident_tps"]
+    assert full[0]["forecast_no_reuse_tps"] == full[0]["forecast_resident_tps"]  # nothing to page
     table = run("bench", gptq, "--expert-cache", "50%", "--prefetch-depth", "1", "-p", "8", "-n", "4", "-r", "1")
     assert table.stdout.startswith("| cache |") and table.stdout.count("\n") == 3
+    assert "forecast tok/s" in table.stdout
 
 
 def test_history_outgrowing_the_context_drops_oldest_turns(tiny_deepseek):
