@@ -17,27 +17,12 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
-from compare_llamacpp import llama_last_logits, llama_open, memory  # bench/ is on sys.path
+from compare_llamacpp import llama_greedy, llama_open, memory  # bench/ is on sys.path
 
 
 def _io() -> dict:
     with open("/proc/self/io") as f:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
-
-
-def greedy(llm, prompt: list[int], new_tokens: int, after_prefill=lambda: None) -> tuple[list[int], float, float]:
-    """(tokens, prompt seconds, decode seconds); the first token ends the prompt phase."""
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    out = [int(np.argmax(llama_last_logits(llm)))]
-    after_prefill()
-    t1 = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        llm.eval([out[-1]])
-        out.append(int(np.argmax(llama_last_logits(llm))))
-    return out, t1 - t0, time.perf_counter() - t1
 
 
 def main() -> None:
@@ -54,9 +39,9 @@ def main() -> None:
     llm = llama_open(args.gguf, len(prompt) + args.new_tokens + 8, args.threads, mmap=True,
                      repack=not args.no_repack)
     load_s = time.perf_counter() - t0
-    greedy(llm, warmup, 8)
+    llama_greedy(llm, warmup, 8)
     io0: dict = {}
-    tokens, p_s, d_s = greedy(llm, prompt, args.new_tokens, lambda: io0.update(_io()))
+    tokens, p_s, d_s = llama_greedy(llm, prompt, args.new_tokens, lambda: io0.update(_io()))
     io1 = _io()
     print(json.dumps({
         "load_s": round(load_s, 1), "decode_tps": (len(tokens) - 1) / d_s, "prompt_tps": len(prompt) / p_s,

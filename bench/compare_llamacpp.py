@@ -129,13 +129,15 @@ def llama_last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def llama_greedy(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+def llama_greedy(llm, prompt: list[int], new_tokens: int,
+                 after_prefill=lambda: None) -> tuple[list[int], float, float]:
     """(tokens, prompt seconds, decode seconds), timed as moe-edge times itself: the first
-    token ends the prompt phase, the rest are decode steps."""
+    token ends the prompt phase, the rest are decode steps (`after_prefill` runs between)."""
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
     out = [int(np.argmax(llama_last_logits(llm)))]
+    after_prefill()
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
         llm.eval([out[-1]])
@@ -343,7 +345,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     import llama_cpp
-    from _machine import machine
+    from _machine import emit, machine
     args.gguf = ensure_gguf(args.gguf_from or args.model, "Q4_0", args.gguf)
     result = {"model": args.model, "gguf": str(args.gguf), "gguf_from": args.gguf_from or args.model,
               "gguf_bytes": args.gguf.stat().st_size, "threads": args.threads,
@@ -355,10 +357,7 @@ def main() -> None:
         result["greedy_f32"] = greedy_check(args.check, args.check_prompt_tokens, args.check_new_tokens,
                                             args.threads)
     result.update(benchmark(args))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

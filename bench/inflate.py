@@ -165,9 +165,7 @@ def inflate(src: Path, dst: Path, target: dict = TARGET) -> Path:
                 w.add(base + part, tensor)
         w.write_json("config.json", inf.config())
         w.commit()
-    for f in src.iterdir():  # tokenizer, chat template, generation config
-        if f.suffix in (".json", ".jinja") and not f.name.startswith(("config", "model.", "quantiz")):
-            shutil.copy(f, dst / f.name)
+    _copy_side_files(src, dst, skip=("quantiz",))
     if quant is not None:
         (dst / "quantize_config.json").write_text(json.dumps(quant, indent=2))
     return dst
@@ -192,10 +190,15 @@ def repeat_layers(src: Path, dst: Path, repeats: int) -> Path:
                 w.add(f"model.layers.{j}.{name[m.end():]}", tensor.clone())
         w.write_json("config.json", {**config, "num_hidden_layers": lead + repeats * (layers - lead)})
         w.commit()
-    for f in src.iterdir():
-        if f.suffix in (".json", ".jinja") and not f.name.startswith(("config", "model.")):
-            shutil.copy(f, dst / f.name)
+    _copy_side_files(src, dst)
     return dst
+
+
+def _copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """The tokenizer, chat template and generation config (not config.json or the weights' index)."""
+    for f in src.iterdir():
+        if f.suffix in (".json", ".jinja") and not f.name.startswith(("config", "model.", *skip)):
+            shutil.copy(f, dst / f.name)
 
 
 def _fields(t: GPTQTensors) -> tuple[torch.Tensor, ...]:

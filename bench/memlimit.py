@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 from _cgroup import run_limited  # bench/ is on sys.path when a script runs
-from _machine import commit, machine
-from offload_baselines import (Accelerate, MoeEdge, bench_parser, emit, measure, parse_or_work, random_prompt,
+from _machine import commit, emit, machine
+from offload_baselines import (Accelerate, MoeEdge, bench_parser, measure, parse_or_work, random_prompt,
                                rotated, worker_cmd)
 
 from moe_edge.info import model_info

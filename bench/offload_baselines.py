@@ -50,7 +50,7 @@ import psutil
 import torch
 from _baseline_model import sizes, write_model  # bench/ is on sys.path when a script runs
 from _cgroup import run_limited
-from _machine import machine
+from _machine import emit, machine
 
 ENGINES = ("moe-edge", "naive", "accelerate", "accelerate-experts")
 
@@ -307,13 +307,6 @@ def rotated(engines: list[str], repeats: int):
     """Every engine once a repeat, each repeat starting one engine further on."""
     for i in range(repeats):
         yield from engines[i % len(engines):] + engines[:i % len(engines)]
-
-
-def emit(result: dict, out: Path | None) -> None:
-    text = json.dumps(result, indent=1)
-    if out:
-        out.write_text(text + "\n")
-    print(text)
 
 
 def run_engine(args, engine: str) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from _machine import commit, machine  # bench/ is on sys.path when a script runs
+from _machine import commit, emit, machine  # bench/ is on sys.path when a script runs
 
 FP_DEMO = "moe_edge/demo/deepseek-moe-tiny"
 SYSTEM = "You answer questions about Python."
@@ -167,10 +167,7 @@ def main() -> None:
            "max_tokens": args.max_tokens, "references_stable": again == references, **load,
            "server_metrics": metrics, "rss_before_mib": round(rss_before / 2**20, 1),
            "rss_after_mib": round(rss_after / 2**20, 1), "ok": ok}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
     sys.exit(0 if ok else 1)
 
 

@@ -15,7 +15,6 @@ goes on with the reuse turn's reply), alternating turn by turn.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import openai
 import torch
-from _machine import commit, machine  # bench/ is on sys.path when a script runs
+from _machine import commit, emit, machine  # bench/ is on sys.path when a script runs
 
 from moe_edge.api import load_auto
 from moe_edge.hub import DEMO
@@ -104,10 +103,7 @@ def main() -> None:
            "cached_tokens": [t["cached_tokens"] for t in runs[0]["reuse"]],
            "turn_10_ttft_s": {mode: ttft(runs, mode)[-1] for mode in MODES},
            "same_replies": [all(r["same_replies"][i] for r in runs) for i in range(len(TURNS))]}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

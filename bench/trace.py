@@ -19,9 +19,7 @@ the first load of each expert included.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Hashable, Sequence
@@ -125,14 +123,8 @@ def _slots(spec: str, experts: int, top_k: int) -> int:
     return round(experts * float(spec[:-1]) / 100) if spec.endswith("%") else int(spec)
 
 
-def _commit() -> str:
-    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                       cwd=Path(__file__).parent)
-    return p.stdout.strip() or "unknown"
-
-
 def main() -> None:
-    from _machine import machine  # bench/ is on sys.path when a script runs
+    from _machine import commit, emit, machine  # bench/ is on sys.path when a script runs
 
     from moe_edge.evaluate import HELDOUT, heldout_ids
     from moe_edge.hub import DEMO
@@ -161,13 +153,10 @@ def main() -> None:
                       for s, row in misses.items()},
         "misses": {f"{s}/{experts}": row for s, row in misses.items()},
         "seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(), "machine": machine(),
+        "commit": commit(), "machine": machine(),
         "command": shlex.join(["python", "bench/trace.py", *sys.argv[1:]]),
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 def _shown(path: str) -> str:

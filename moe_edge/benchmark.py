@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import psutil
 import torch
 
-from .api import load_offloaded
+from .api import load_offloaded, resolve_device, resolve_dtype
 from .evaluate import forced_decode, heldout_ids
 from .info import model_info
 from .memory import trim_heap
@@ -48,7 +48,6 @@ def sweep(path: str | Path, caches: Sequence[str] = ("25%", "50%", "100%"),
 
 def _plan(path, cache, device, dtype, context: int, slow_tier: str):
     """The plan `load_offloaded` will make, from headers (model_info)."""
-    from .api import resolve_device, resolve_dtype
     dev = resolve_device(device)
     tier = None if slow_tier == "auto" else slow_tier
     return model_info(path, dev, resolve_dtype(dtype, dev), cache, context, slow_tier=tier)
