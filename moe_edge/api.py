@@ -114,7 +114,8 @@ def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
     fuse_qkv(model)
     model.kept_bf16 = keep_bf16(model, dtype) if keep16 else []
     model.kv_dtype = kv_dtype(dtype, bool(model.kept_bf16))  # a 16-bit checkpoint: a 16-bit cache
-    if model.kv_dtype == torch.bfloat16 and dtype == torch.float32 and device.type == "cpu" and native.available():
+    if (model.kv_dtype == torch.bfloat16 and dtype == torch.float32 and device.type == "cpu"
+            and model.config.sliding_window is None and native.available()):  # the kernel takes no mask
         for layer in model.model.layers:
             layer.self_attn.decode_kernel = native.decode_attention
     c = model.config

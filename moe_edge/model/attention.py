@@ -74,7 +74,7 @@ class Attention(nn.Module):
         c = config
         self.layer, self.num_heads, self.num_kv_heads = layer, c.num_heads, c.num_kv_heads
         self.head_dim, self.clip, self.window = c.head_dim, c.clip_qkv, c.sliding_window
-        self.decode_kernel = None  # one query row over a bf16 cache (quant.native.decode_attention)
+        self.decode_kernel = None  # one query row over a bf16 cache, no mask (quant.native.decode_attention)
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
@@ -119,10 +119,9 @@ class Attention(nn.Module):
             cached_k, cached_v = cache.update(self.layer, start, k, v)  # [B, K, S, Hd], the cache's dtype
             if start > 0 or cached_k.dtype == k.dtype:  # a first prompt attends at full precision
                 k, v = cached_k, cached_v
-        if self.decode_kernel is not None and T == 1 and B == 1 and k.dtype == torch.bfloat16 \
-                and self.window is None:
+        if self.decode_kernel is not None and T == 1 and B == 1 and k.dtype == torch.bfloat16:
             out = self.decode_kernel(q, k, v, self.head_dim ** -0.5)  # [B, H, T, Hd] fp32
-        else:  # a 16-bit cache without the kernel: attention in 16 bits, as SDPA reads the cache
+        else:  # SDPA in the keys' dtype (a bf16 cache's prompt continuation: 16 bits)
             mask = self._mask(start, T, k.shape[2], x.device)
             out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
                                                  is_causal=mask is None and T > 1,
