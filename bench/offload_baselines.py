@@ -87,7 +87,8 @@ class MoeEdge:
         if not cached:
             cache, cfg = lm.offload.cache, lm.model.config
             cache.close()  # its loader thread; the store stays open
-            scratch = torch.empty(cache.store.stride, dtype=torch.uint8)
+            from moe_edge.offload.store import slot_buffers
+            scratch = slot_buffers(cache.store.stride, 1, torch.device("cpu"))[0]  # read as the cache reads
             for layer, block in self.model.moe_blocks().items():
                 block.experts = UncachedExperts(cache.store, cache.layouts, cache.index_of, layer,
                                                 cfg.hidden_size, cfg.moe_intermediate_size, scratch, self.counter)

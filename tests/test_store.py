@@ -17,6 +17,7 @@ from moe_edge.config import load_config
 from moe_edge.errors import StoreError
 from moe_edge.model.weights import WeightMap
 from moe_edge.offload import build
+from moe_edge.offload import store as store_mod
 from moe_edge.offload.build import build_store
 from moe_edge.testing import write_checkpoint, write_gptq_checkpoint
 
@@ -153,3 +154,62 @@ def test_full_disk_leaves_no_partial_file_and_names_the_path(model, tmp_path, mo
     monkeypatch.undo()
     leftovers = [p.name for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"]
     assert leftovers == []
+
+
+# --- reads around the page cache --------------------------------------------------------------
+def records_file(tmp_path, stride=2 * store_mod.PAGE, count=5):
+    """A DiskStore of `count` distinct records, written and reopened as a load opens it."""
+    records = [torch.randint(0, 256, (stride,), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+               for i in range(count)]
+    writer = store_mod.DiskStore(tmp_path / "experts.bin", stride, count)
+    for i, r in enumerate(records):
+        writer.write(i, r)
+    writer.finish_writing()
+    checksums = writer.checksums
+    writer.close()
+    return store_mod.DiskStore(tmp_path / "experts.bin", stride, count, create=False, checksums=checksums), records
+
+
+def test_slot_buffers_are_page_aligned_and_disjoint():
+    bufs = store_mod.slot_buffers(3 * store_mod.PAGE, 7, torch.device("cpu"))
+    assert len(bufs) == 7 and all(b.numel() == 3 * store_mod.PAGE for b in bufs)
+    assert all(b.data_ptr() % store_mod.PAGE == 0 for b in bufs)
+    starts = sorted(b.data_ptr() for b in bufs)
+    assert all(b - a == 3 * store_mod.PAGE for a, b in zip(starts, starts[1:]))
+
+
+def test_aligned_reads_go_direct_and_unaligned_ones_through_the_cache(tmp_path, monkeypatch):
+    store, records = records_file(tmp_path)
+    if not store.direct:
+        pytest.skip(f"{tmp_path}: this filesystem refuses O_DIRECT")
+    used = []
+    real = os.preadv
+    monkeypatch.setattr(store_mod.os, "preadv", lambda fd, bufs, off: used.append(fd) or real(fd, bufs, off))
+    (slot,) = store_mod.slot_buffers(store.stride, 1, torch.device("cpu"))
+    store.read_into(3, slot)
+    assert torch.equal(slot, records[3]) and set(used) == {store.direct_fd}
+    used.clear()
+    unaligned = torch.empty(store.stride + 1, dtype=torch.uint8)[1:]  # allocations are 64-byte aligned
+    assert unaligned.data_ptr() % store_mod.PAGE
+    store.read_into(1, unaligned)
+    assert torch.equal(unaligned, records[1]) and set(used) == {store.fd}
+    store.close()
+
+
+def test_a_device_that_refuses_direct_reads_falls_back_for_good(tmp_path, monkeypatch):
+    store, records = records_file(tmp_path)
+    if not store.direct:
+        pytest.skip(f"{tmp_path}: this filesystem refuses O_DIRECT")
+    real = os.preadv
+
+    def preadv(fd, bufs, off):
+        if fd == store.direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, off)
+    monkeypatch.setattr(store_mod.os, "preadv", preadv)
+    (slot,) = store_mod.slot_buffers(store.stride, 1, torch.device("cpu"))
+    for i in (4, 0):
+        store.read_into(i, slot)
+        assert torch.equal(slot, records[i])
+    assert not store.direct
+    store.close()

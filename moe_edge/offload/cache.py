@@ -25,7 +25,7 @@ from ..model.moe import ExpertInput
 from ..quant.experts import apply_together
 from .policy import DEFAULT, POLICIES
 from .stats import LayerStats, OffloadStats
-from .store import ExpertLayout, expert_from_buffer
+from .store import ExpertLayout, expert_from_buffer, slot_buffers
 
 
 @dataclass
@@ -143,9 +143,10 @@ class ExpertCache:
         self.device, self.hidden, self.width = device, hidden, width
         self.slots_per_layer = slots_per_layer
         self.loader = Loader(store, device, threaded, reads)
-        self.layers = {l: LayerCache([Slot(torch.empty(store.stride, dtype=torch.uint8, device=device))
-                                      for _ in range(slots_per_layer)], POLICIES[policy]())
-                       for l in sorted({layer for layer, _ in layouts})}
+        layers = sorted({layer for layer, _ in layouts})
+        bufs = iter(slot_buffers(store.stride, slots_per_layer * len(layers), device))
+        self.layers = {l: LayerCache([Slot(next(bufs)) for _ in range(slots_per_layer)], POLICIES[policy]())
+                       for l in layers}
         self._prefetch_queue: list[tuple[int, list[int]]] = []
 
     # --- bookkeeping -------------------------------------------------------------------

@@ -58,10 +58,13 @@ def probe_memory(nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
 
 def probe_storage(folder: str | Path, record: int, reads: int = 4, nbytes: int = PROBE_BYTES) -> float:
     """Bytes/s of random `record`-sized positioned reads, `reads` in flight, from a scratch
-    file written in `folder` (where the expert store goes) and dropped from the page cache."""
+    file written in `folder` (where the expert store goes), read as the store reads: around
+    the page cache where the filesystem allows, else dropped from it first."""
+    from .store import PAGE, open_direct, slot_buffers
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    count = max(2 * reads, nbytes // max(record, 1))
+    record = max(PAGE, -(-record // PAGE) * PAGE)  # store records are page-aligned
+    count = max(2 * reads, nbytes // record)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".moe-edge-probe-") as f:
         block = os.urandom(min(record, 2**20))
         for _ in range(-(-count * record // len(block))):
@@ -69,11 +72,17 @@ def probe_storage(folder: str | Path, record: int, reads: int = 4, nbytes: int =
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        direct = open_direct(Path(f.name))
+        fd = f.fileno() if direct is None else direct
+        bufs = [memoryview(b.numpy()) for b in slot_buffers(record, reads, torch.device("cpu"))]
         order = random.Random(0).sample(range(count), count)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(reads) as pool:
-            list(pool.map(lambda i: os.pread(f.fileno(), record, i * record), order))
-        return count * record / (time.perf_counter() - t0)
+            list(pool.map(lambda j: os.preadv(fd, [bufs[j % reads]], order[j] * record), range(count)))
+        elapsed = time.perf_counter() - t0
+        if direct is not None:
+            os.close(direct)
+        return count * record / elapsed
 
 
 def measure_forecast(info, offload_dir: str | Path | None = None, reads: int = 4) -> Forecast:
