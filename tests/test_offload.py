@@ -411,7 +411,7 @@ def test_prefetch_governor_keeps_the_side_that_measures_faster(monkeypatch, on_m
     from moe_edge.offload import prefetch
     clock = [0.0]
     monkeypatch.setattr(prefetch.time, "perf_counter", lambda: clock[0])
-    gov = prefetch.PrefetchGovernor(epoch=4, explore=2, exploit=10)
+    gov = prefetch.PrefetchGovernor(epoch=4, explore=2, exploit=10, decisive=None)
     seen = []
     for i in range(16 + 10 + 8):
         gov.step()
@@ -424,6 +424,23 @@ def test_prefetch_governor_keeps_the_side_that_measures_faster(monkeypatch, on_m
     assert gov.chosen is chosen and seen[16:26] == [chosen] * 10
     assert seen[26:34] == [chosen] * 4 + [not chosen] * 4  # re-measured, the chosen side first
     assert gov.summary()["step_ms_on"] == on_ms and gov.summary()["step_ms_off"] == off_ms
+
+
+@pytest.mark.parametrize("on_ms, off_ms, pairs", [(1.3, 1.0, 1), (0.7, 1.0, 1), (1.05, 1.0, 3)])
+def test_prefetch_governor_stops_exploring_once_decisive(monkeypatch, on_ms, off_ms, pairs):
+    """A side 30% slower after one pair of epochs is not measured again; 5% is within the
+    margin, so every planned pair is measured before choosing."""
+    from moe_edge.offload import prefetch
+    clock = [0.0]
+    monkeypatch.setattr(prefetch.time, "perf_counter", lambda: clock[0])
+    gov = prefetch.PrefetchGovernor(epoch=4, explore=3, exploit=10, decisive=0.1)
+    seen = []
+    for _ in range(8 * pairs + 10):
+        gov.step()
+        seen.append(gov.on)
+        clock[0] += (on_ms if gov.on else off_ms) / 1e3
+    assert seen[:8 * pairs] == ([True] * 4 + [False] * 4) * pairs
+    assert gov.chosen is (on_ms < off_ms) and seen[8 * pairs:] == [gov.chosen] * 10
 
 
 def test_governed_prefetch_keeps_offloaded_tokens_equal_to_resident(ckpts):

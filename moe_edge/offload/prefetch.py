@@ -22,13 +22,17 @@ class PrefetchGovernor:
     which depends on the disk, the model and its routing. So decode steps alternate in
     epochs of `epoch` tokens between prefetching and not until each side has `explore`
     epochs; the faster side (median step time) then runs for `exploit` steps, and one epoch
-    of each is measured again, the oldest epochs forgotten (`keep` per side).
+    of each is measured again, the oldest epochs forgotten (`keep` per side). A comparison
+    that is already `decisive` (one side's median that much slower) after a pair of epochs
+    ends the exploring early: measuring the losing side costs what it loses (the 16B-sized
+    demo x3 at 35/64 slots under a memory limit: 85 ms steps with prefetch, 70 without).
 
     `step()` is called once per decode step; `on` says what this step does.
     """
 
-    def __init__(self, epoch: int = 8, explore: int = 3, exploit: int = 192, keep: int = 6):
-        self.epoch, self.exploit, self.keep = epoch, exploit, keep
+    def __init__(self, epoch: int = 8, explore: int = 3, exploit: int = 192, keep: int = 6,
+                 decisive: float | None = 0.1):
+        self.epoch, self.exploit, self.keep, self.decisive = epoch, exploit, keep, decisive
         self.times: dict[bool, list[float]] = {True: [], False: []}  # per-epoch median step time
         self.plan: list[bool] = [m for _ in range(explore) for m in (True, False)]  # epochs to measure
         self.on, self.left, self.measuring = True, 0, False
@@ -58,12 +62,19 @@ class PrefetchGovernor:
             side.append(statistics.median(self.steps))
             del side[:-self.keep]
         self.steps = []
-        if self.plan:
+        if self.plan and not self._decided():
             self.on, self.left, self.measuring = self.plan.pop(0), self.epoch, True
             return
         self.chosen = statistics.median(self.times[True]) <= statistics.median(self.times[False])
         self.on, self.left, self.measuring = self.chosen, self.exploit, False
         self.plan = [True, False] if self.chosen else [False, True]
+
+    def _decided(self) -> bool:
+        """After a whole pair of epochs: whether one side is already `decisive`ly slower."""
+        if self.decisive is None or len(self.plan) % 2 or not (self.times[True] and self.times[False]):
+            return False
+        on, off = statistics.median(self.times[True]), statistics.median(self.times[False])
+        return abs(on - off) > self.decisive * min(on, off)
 
     def summary(self) -> dict:
         return {"chosen": self.chosen, "steps_on": self.steps_on, "steps_off": self.steps_off,
