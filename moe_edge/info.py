@@ -180,23 +180,37 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")  # what the kernels use
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector extensions the kernels choose by (Linux's
+    /proc/cpuinfo; elsewhere what the platform module says): machines of one kind differ."""
+    import platform
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().splitlines()[:40] if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = [f for f in CPU_FLAGS if f in info.get("flags", "").split()]
+    return f"{info.get('model name', platform.machine())} ({' '.join(flags) or 'no AVX2'})"
+
+
 def machine() -> str:
     """The line every benchmark result carries about where it ran."""
     import platform
 
     import psutil
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{platform.machine()}, {physical_cores()} cores, "
+    return (f"{platform.machine()}, {cpu_name()}, {physical_cores()} cores, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}{gpu}")
 
 
 def devices() -> list[dict]:
     """The CPU and each CUDA GPU with free and total memory."""
-    import platform
-
     import psutil
     vm = psutil.virtual_memory()
-    found = [{"name": "cpu", "description": f"{platform.processor() or platform.machine()}, "
+    found = [{"name": "cpu", "description": f"{cpu_name()}, "
               f"{physical_cores()} cores", "free_bytes": vm.available, "total_bytes": vm.total}]
     for i in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)
