@@ -162,10 +162,11 @@ class ExpertCache:
 
     def _victim(self, lc: LayerCache) -> int | None:
         """A free slot, else the policy's pick among ready, unpinned experts."""
-        for i, slot in enumerate(lc.slots):
-            if slot.expert is None:
-                return i
-        ready = [e for e, i in lc.where.items() if e not in lc.pinned and Loader.done(lc.slots[i].handle)]
+        slots, pinned = lc.slots, lc.pinned
+        if len(lc.where) < len(slots):
+            return next(i for i, slot in enumerate(slots) if slot.expert is None)
+        ready = [e for e, i in lc.where.items()
+                 if e not in pinned and (slots[i].handle is None or Loader.done(slots[i].handle))]
         e = lc.policy.victim(ready)
         if e is None:  # a prefetch still queued gives its slot up before anyone waits
             e = next((e for e, i in lc.where.items() if e not in lc.pinned and self._cancel(lc.slots[i])), None)

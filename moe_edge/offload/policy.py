@@ -7,6 +7,7 @@ one to evict among the unpinned residents, and `forget(e)` once e has left its s
 
 from __future__ import annotations
 
+import math
 from collections import Counter, OrderedDict
 from typing import Iterable
 
@@ -29,7 +30,11 @@ class LRU:
     def victim(self, candidates: Iterable[int]) -> int | None:
         """The lowest-ranked candidate; ties (and LRU itself) go to the least recently used."""
         allowed = set(candidates)
-        return min((e for e in self._order if e in allowed), key=self.rank, default=None)
+        return min((e for e in self._order if e in allowed), key=self._order_key(), default=None)
+
+    def _order_key(self):
+        """A key that orders experts as `rank` does (LRU: none, the order decides)."""
+        return self.rank
 
     def rank(self, expert: int) -> float:
         return 0.0
@@ -95,16 +100,21 @@ class LRFU(LRU):
     def __init__(self, half_life: float = 64.0) -> None:
         super().__init__()
         self.rate, self.clock = 1.0 / half_life, 0
-        self.score: dict[int, tuple[float, int]] = {}  # expert -> (sum at last use, clock then)
+        # expert -> log2 of its sum as of clock 0: every sum decays at the same rate, so
+        # rank = 2^(key - rate * clock) and the keys alone order the experts, never aging
+        self.key: dict[int, float] = {}
 
     def touch(self, expert: int) -> None:
         super().touch(expert)
         self.clock += 1
-        self.score[expert] = (1.0 + self.rank(expert), self.clock)
+        self.key[expert] = math.log2(1.0 + self.rank(expert)) + self.rate * self.clock
 
     def rank(self, expert: int) -> float:
-        value, at = self.score.get(expert, (0.0, self.clock))
-        return value * 2.0 ** (-self.rate * (self.clock - at))
+        key = self.key.get(expert)
+        return 0.0 if key is None else 2.0 ** (key - self.rate * self.clock)
+
+    def _order_key(self):
+        return self.key.__getitem__  # a victim is resident, so touched
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "lfuda": LFUDA, "lrfu": LRFU}
