@@ -152,9 +152,8 @@ class DiskStore:
     the disk writes straight into the slot. A read through the cache costs a copy and the
     kernel's page bookkeeping, and on a 2-core machine that CPU time comes out of decode
     (docs/offload.md: 13 against 15 tok/s on the 16B-sized demo x3 at 35 of 64 slots, 4
-    reads in flight). Elsewhere (a filesystem without O_DIRECT,
-    such as tmpfs; an unaligned buffer) a read goes through the cache and its pages are
-    dropped after it.
+    reads in flight). Elsewhere (a filesystem without O_DIRECT, such as tmpfs; an unaligned
+    buffer) a read goes through the cache and its pages are dropped after it.
 
     Each record (one expert, `stride` bytes) has a CRC-32 taken when it was written; the
     first read of a record in this process checks it (zlib.crc32 runs at ~3.8 GB/s here:
