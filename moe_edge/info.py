@@ -184,16 +184,20 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_i
 
 
 def cpu_name() -> str:
-    """The CPU's model name and the vector extensions the kernels choose by (Linux's
-    /proc/cpuinfo; elsewhere what the platform module says): machines of one kind differ."""
+    """The CPU's model name and the x86 vector extensions the kernels choose by, from the
+    first processor in Linux's /proc/cpuinfo (elsewhere what the platform module says):
+    machines of one kind differ."""
     import platform
     try:
-        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().splitlines()[:40] if ":" in line)
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n", 1)[0]
     except OSError:
         return platform.processor() or platform.machine()
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    flags = [f for f in CPU_FLAGS if f in info.get("flags", "").split()]
-    return f"{info.get('model name', platform.machine())} ({' '.join(flags) or 'no AVX2'})"
+    info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "flags" not in info:  # not x86 (aarch64 lists "Features")
+        return name
+    return f"{name} ({' '.join(f for f in CPU_FLAGS if f in info['flags'].split()) or 'none of ' + '/'.join(CPU_FLAGS)})"
 
 
 def machine() -> str:
@@ -202,7 +206,9 @@ def machine() -> str:
 
     import psutil
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{platform.machine()}, {cpu_name()}, {physical_cores()} cores, "
+    cpu = cpu_name()
+    cpu = "" if cpu == platform.machine() else f"{cpu}, "
+    return (f"{platform.machine()}, {cpu}{physical_cores()} cores, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}{gpu}")
 
 

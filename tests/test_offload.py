@@ -443,6 +443,24 @@ def test_prefetch_governor_stops_exploring_once_decisive(monkeypatch, on_ms, off
     assert gov.chosen is (on_ms < off_ms) and seen[8 * pairs:] == [gov.chosen] * 10
 
 
+def test_a_decisive_governor_still_remeasures_after_exploiting(monkeypatch):
+    """An early choice is not final: after `exploit` steps both sides are measured again, so
+    when prefetch becomes the faster side (a warm disk, a routing change) it is chosen."""
+    from moe_edge.offload import prefetch
+    clock = [0.0]
+    monkeypatch.setattr(prefetch.time, "perf_counter", lambda: clock[0])
+    gov = prefetch.PrefetchGovernor(epoch=4, explore=3, exploit=10, keep=1, decisive=0.1)
+    seen = []
+    for i in range(8 + 10 + 8 + 10):
+        gov.step()
+        seen.append(gov.on)
+        slow_on = i < 8 + 10  # prefetch loses at first, wins from the re-measure on
+        clock[0] += (1.3 if gov.on and slow_on else 0.5 if gov.on else 1.0) / 1e3
+    assert seen[8:18] == [False] * 10  # decided after one pair
+    assert seen[18:26] == [False] * 4 + [True] * 4  # re-measured, the chosen side first
+    assert seen[26:] == [True] * 10 and gov.chosen is True
+
+
 def test_governed_prefetch_keeps_offloaded_tokens_equal_to_resident(ckpts):
     """Whatever the governor picks step by step, greedy tokens equal the resident model's."""
     ref = load(ckpts["gptq"], device="cpu")

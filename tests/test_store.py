@@ -213,3 +213,30 @@ def test_a_device_that_refuses_direct_reads_falls_back_for_good(tmp_path, monkey
         assert torch.equal(slot, records[i])
     assert not store.direct
     store.close()
+
+
+def test_a_store_reads_direct_from_the_run_that_built_it(tmp_path):
+    stride = store_mod.PAGE
+    writer = store_mod.DiskStore(tmp_path / "experts.bin", stride, 2)
+    if store_mod.open_direct(writer.path) is None:
+        pytest.skip(f"{tmp_path}: this filesystem refuses O_DIRECT")
+    record = torch.arange(stride, dtype=torch.int32).to(torch.uint8)
+    writer.write(1, record)
+    writer.finish_writing()
+    (slot,) = store_mod.slot_buffers(stride, 1, torch.device("cpu"))
+    assert writer.direct
+    writer.read_into(1, slot)
+    assert torch.equal(slot, record)
+    writer.close()
+
+
+def test_a_file_truncated_off_the_block_grid_is_a_short_read_not_a_fallback(tmp_path):
+    store, _ = records_file(tmp_path)
+    if not store.direct:
+        pytest.skip(f"{tmp_path}: this filesystem refuses O_DIRECT")
+    os.truncate(store.path, 4 * store.stride + 1000)  # record 4 ends mid-block
+    (slot,) = store_mod.slot_buffers(store.stride, 1, torch.device("cpu"))
+    with pytest.raises(StoreError, match="short read"):
+        store.read_into(4, slot)
+    assert store.direct  # the device did not refuse direct reads: the file ended
+    store.close()

@@ -14,6 +14,7 @@ the forecast is a floor for the cache and a ceiling for the kernels (full memory
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
@@ -72,17 +73,24 @@ def probe_storage(folder: str | Path, record: int, reads: int = 4, nbytes: int =
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        direct = open_direct(Path(f.name))
-        fd = f.fileno() if direct is None else direct
         bufs = [memoryview(b.numpy()) for b in slot_buffers(record, reads, torch.device("cpu"))]
         order = random.Random(0).sample(range(count), count)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(reads) as pool:
-            list(pool.map(lambda j: os.preadv(fd, [bufs[j % reads]], order[j] * record), range(count)))
-        elapsed = time.perf_counter() - t0
+
+        def timed(fd: int) -> float:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(reads) as pool:
+                list(pool.map(lambda j: os.preadv(fd, [bufs[j % reads]], order[j] * record), range(count)))
+            return count * record / (time.perf_counter() - t0)
+        direct = open_direct(Path(f.name))
         if direct is not None:
-            os.close(direct)
-        return count * record / elapsed
+            try:
+                return timed(direct)
+            except OSError as e:  # as the store does: a device refusing direct reads is read buffered
+                if e.errno != errno.EINVAL:
+                    raise
+            finally:
+                os.close(direct)
+        return timed(f.fileno())
 
 
 def measure_forecast(info, offload_dir: str | Path | None = None, reads: int = 4) -> Forecast:

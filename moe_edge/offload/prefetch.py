@@ -39,6 +39,7 @@ class PrefetchGovernor:
         self.steps: list[float] = []
         self.last: float | None = None
         self.chosen: bool | None = None  # what the last comparison picked
+        self.fresh = 0  # epochs measured since the last choice
         self.steps_on = self.steps_off = 0
 
     def step(self) -> None:
@@ -61,17 +62,19 @@ class PrefetchGovernor:
             side = self.times[self.on]
             side.append(statistics.median(self.steps))
             del side[:-self.keep]
+            self.fresh += 1
         self.steps = []
         if self.plan and not self._decided():
             self.on, self.left, self.measuring = self.plan.pop(0), self.epoch, True
             return
         self.chosen = statistics.median(self.times[True]) <= statistics.median(self.times[False])
-        self.on, self.left, self.measuring = self.chosen, self.exploit, False
+        self.on, self.left, self.measuring, self.fresh = self.chosen, self.exploit, False, 0
         self.plan = [True, False] if self.chosen else [False, True]
 
     def _decided(self) -> bool:
-        """After a whole pair of epochs: whether one side is already `decisive`ly slower."""
-        if self.decisive is None or len(self.plan) % 2 or not (self.times[True] and self.times[False]):
+        """After a whole pair of epochs measured since the last choice: whether one side is
+        already `decisive`ly slower."""
+        if self.decisive is None or self.fresh < 2 or self.fresh % 2:
             return False
         on, off = statistics.median(self.times[True]), statistics.median(self.times[False])
         return abs(on - off) > self.decisive * min(on, off)

@@ -195,6 +195,8 @@ class DiskStore:
     def finish_writing(self) -> None:
         os.fsync(self.fd)
         self.drop_cache()
+        self.direct_fd = open_direct(self.path)  # the build's own run reads direct too
+        self.direct = self.direct_fd is not None
 
     def drop_cache(self, offset: int = 0, length: int = 0) -> None:
         if hasattr(os, "posix_fadvise"):
@@ -220,7 +222,12 @@ class DiskStore:
     def _read(self, fd: int, view: memoryview, offset: int) -> None:
         done = 0
         while done < self.stride:  # pread may return short counts
-            n = os.preadv(fd, [view[done:]], offset + done)
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:  # a direct read resumed off the block grid: the file ended
+                if e.errno != errno.EINVAL or done == 0:
+                    raise
+                n = 0
             if n <= 0:
                 raise StoreError(f"{self.path}: short read at byte {offset + done} (the file was "
                                  "truncated); run again and the store is rebuilt")
@@ -240,10 +247,10 @@ class DiskStore:
 
     def close(self) -> None:
         """Closes the file; it stays, as a cache for the next load of the same checkpoint."""
-        os.close(self.fd)
         if self.direct_fd is not None:
             os.close(self.direct_fd)
             self.direct_fd, self.direct = None, False
+        os.close(self.fd)
 
 
 def open_direct(path: Path) -> int | None:
