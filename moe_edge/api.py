@@ -113,7 +113,8 @@ def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
     use_quant_experts(model)
     fuse_qkv(model)
     model.kept_bf16 = keep_bf16(model, dtype) if keep16 else []
-    model.kv_dtype = kv_dtype(dtype, bool(model.kept_bf16))  # a 16-bit checkpoint: a 16-bit cache
+    # a 16-bit or 4-bit checkpoint on a native-bf16 CPU, no exact dtype named: a 16-bit cache
+    model.kv_dtype = kv_dtype(dtype, keep16 and (bool(model.kept_bf16) or quant is not None))
     if (model.kv_dtype == torch.bfloat16 and dtype == torch.float32 and device.type == "cpu"
             and model.config.sliding_window is None and native.available()):  # the kernel takes no mask
         for layer in model.model.layers:

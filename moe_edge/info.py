@@ -39,8 +39,9 @@ def keeps_bf16(device: torch.device, dtype: torch.dtype, bf16_weights: bool | No
 
 
 def kv_dtype(dtype: torch.dtype, keep16: bool) -> torch.dtype:
-    """The KV cache's dtype: bf16 wherever weights stay bf16 (native bf16, no exact dtype
-    named) and moe-edge's kernel attends over it (quant.native.decode_attention)."""
+    """The KV cache's dtype: bf16 for a 16-bit or 4-bit checkpoint on a CPU with native bf16
+    (`keep16`; no exact dtype named) where moe-edge's kernel attends over it
+    (quant.native.decode_attention); an fp32 checkpoint keeps an fp32 cache."""
     from .quant import native
     return torch.bfloat16 if keep16 and native.supported() else dtype
 
@@ -84,7 +85,7 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     weights = WeightMap(CheckpointReader(path), config)
     check_layout(weights, config, quant)
     total = active = dense = experts_total = checkpoint = read = 0
-    kept16 = False  # any weight stays bf16 (a 16-bit checkpoint): the KV cache is bf16 too
+    kept16 = False  # any weight stays bf16 (a 16-bit checkpoint)
     keep16 = keeps_bf16(device, dtype, bf16_weights)  # as api.load_model decides
     V, D = config.vocab_size, config.hidden_size
     int8 = head_in_int8(lm_head, device, V * D, config.tie_word_embeddings)  # likewise
@@ -117,7 +118,7 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
                      dense, expert_bytes, read, _quant_summary(quant), None,
                      lm_head_int8=int8 and ("lm_head.weight" in weights.sources or config.tie_word_embeddings))
     context = min(context, config.max_position_embeddings)
-    kv = kv_cache_bytes(config, context, kv_dtype(dtype, kept16))
+    kv = kv_cache_bytes(config, context, kv_dtype(dtype, kept16 or (keep16 and quant is not None)))  # as api._finish
     try:
         slots, margin, seen = slots_for(expert_cache, device=device, resident=dense, kv=kv,
                                         expert_bytes=expert_bytes, moe_layers=L, experts=E, top_k=k)

@@ -215,10 +215,12 @@ def test_decode_attention_over_a_bf16_cache_equals_sdpa(H, K, D, S):
     assert ((out - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_the_demo_keeps_its_kv_cache_in_bf16_and_decodes_as_with_fp32():
-    """Default load on a native-bf16 CPU: the KV cache is bf16 (half the bytes) and attended
-    by the kernel; teacher-forced decode logits stay within bf16 rounding of an fp32 cache."""
-    lm = load(DEMO)
+@pytest.mark.parametrize("demo", [DEMO, DEMO.parent / "deepseek-moe-tiny"])
+def test_the_demo_keeps_its_kv_cache_in_bf16_and_decodes_as_with_fp32(demo):
+    """Default load on a native-bf16 CPU, GPTQ or 16-bit: the KV cache is bf16 (half the
+    bytes) and attended by the kernel; teacher-forced decode logits stay within bf16 rounding
+    of an fp32 cache."""
+    lm = load(demo)
     model = lm.model
     assert model.kv_dtype == torch.bfloat16 and model.new_cache(1, 8).k[0].dtype == torch.bfloat16
     ids = heldout_ids(lm.tokenizer, max_tokens=160)
@@ -235,3 +237,19 @@ def test_the_demo_keeps_its_kv_cache_in_bf16_and_decodes_as_with_fp32():
     fp32 = decode(torch.float32, None)
     err = (bf16 - fp32).norm(dim=-1) / fp32.norm(dim=-1)
     assert err.median() < 1e-2 and (bf16.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.95
+
+
+def test_a_gptq_checkpoint_with_fp16_unquantized_weights_plans_and_keeps_a_bf16_kv_cache(tmp_path):
+    """GPTQ checkpoints store embeddings, routers and norms in fp16 (none of it kept bf16),
+    yet the cache is bf16 as for a 16-bit checkpoint, and `info` plans the bytes it takes;
+    an fp32 checkpoint keeps an fp32 cache."""
+    from moe_edge.info import model_info
+    from moe_edge.testing import write_checkpoint, write_gptq_checkpoint
+    src = write_checkpoint(tmp_path / "fp", "deepseek", hidden_size=64, moe_intermediate_size=32)
+    gptq = write_gptq_checkpoint(src, tmp_path / "q", group_size=32, dtype=torch.float16)
+    for path, want in ((gptq, torch.bfloat16), (src, torch.float32)):
+        model = load(path).model
+        assert model.kv_dtype == want and model.new_cache(1, 8).k[0].dtype == want
+        cache = model.new_cache(1, 64)
+        planned = model_info(path, "cpu", expert_cache="100%", context=64).plan.kv_cache_bytes
+        assert planned == sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v))
