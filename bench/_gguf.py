@@ -1,19 +1,20 @@
-"""Write a DeepSeek-MoE checkpoint (bf16/fp32, or GPTQ) as a GGUF file for llama.cpp.
+"""Write a DeepSeek-MoE, OLMoE or Qwen3-MoE checkpoint (bf16/fp32, or GPTQ) as a GGUF file for llama.cpp.
 
     write_gguf("moe_edge/demo/deepseek-moe-tiny", "build/tiny-f32.gguf", "F32")
     write_gguf("build/deepseek-16b-synthetic-gptq", "build/16b-q4_0.gguf", "Q4_0")
 
-Follows llama.cpp's own converter for `DeepseekForCausalLM` (conversion/deepseek.py,
-`DeepseekModel`, llama.cpp as vendored by llama-cpp-python 0.3.36): architecture `deepseek`,
-routed experts stacked into `ffn_{gate,up,down}_exps` [E, out, in], shared experts as one
-`*_shexp` MLP, and q/k rows permuted from Hugging Face's rotate-half rotary layout to the
-adjacent-pair layout of GGML's NORM rope. GPTQ tensors are dequantised with moe_edge.quant
-and then quantised again (to Q4_0), so llama.cpp runs a re-rounding of the same weights.
+Follows llama.cpp's own converter (convert_hf_to_gguf.py, `DeepseekModel`, `OlmoeModel`,
+`Qwen3MoeModel`, llama.cpp as vendored by llama-cpp-python 0.3.36): architectures `deepseek`,
+`olmoe` and `qwen3moe`; routed experts stacked into `ffn_{gate,up,down}_exps` [E, out, in],
+DeepSeek's shared experts as one `*_shexp` MLP, q/k norms as `attn_{q,k}_norm`. DeepSeek's q/k
+rows are permuted from Hugging Face's rotate-half rotary layout to the adjacent-pair layout of
+GGML's NORM rope; OLMoE and Qwen3-MoE use NEOX rope, which is rotate-half, and stay as stored.
+GPTQ tensors are dequantised with moe_edge.quant and then quantised again (to Q4_0), so
+llama.cpp runs a re-rounding of the same weights.
 
 Streaming: every tensor's shape and type follow from config.json, so the tensor table is
 written first and the data one tensor at a time (peak: one layer's stacked experts in fp32).
-"""
-# E=experts, N=out features, K=in features, V=vocab, D=hidden
+"""# E=experts, N=out features, K=in features, V=vocab, D=hidden
 
 from __future__ import annotations
 
@@ -97,66 +98,94 @@ def _qtype(name: str, shape: tuple[int, ...], out_type: str):
 def plan(src: Source, c: ModelConfig, out_type: str) -> list[Entry]:
     """Every tensor of the GGUF file in writing order, with a loader for its data."""
     V, D = c.vocab_size, c.hidden_size
-    entries = [("token_embd.weight", (V, D), lambda: src.tensor("model.embed_tokens.weight")),
-               ("output_norm.weight", (D,), lambda: src.tensor("model.norm.weight"))]
-    if not c.tie_word_embeddings:
-        entries.append(("output.weight", (V, D), lambda: src.linear("lm_head", V, D)))
+    embed = lambda: src.tensor("model.embed_tokens.weight")
+    entries = [("token_embd.weight", (V, D), embed),
+               ("output_norm.weight", (D,), lambda: src.tensor("model.norm.weight")),
+               # always written: olmoe's graph requires it; a tied head is the embedding
+               ("output.weight", (V, D), embed if c.tie_word_embeddings else lambda: src.linear("lm_head", V, D))]
     for layer in range(c.num_layers):
         entries += _layer(src, c, layer)
     return [Entry(n, s, _qtype(n, s, out_type), f) for n, s, f in entries]
 
 
+ARCH = {"deepseek": "deepseek", "olmoe": "olmoe", "qwen3_moe": "qwen3moe"}  # model_type -> llama.cpp's
+
+
 def _layer(src: Source, c: ModelConfig, layer: int) -> list[tuple]:
     """(GGUF name, shape, loader) for one decoder layer."""
     D, F, I, E = c.hidden_size, c.intermediate_size, c.moe_intermediate_size, c.num_experts
-    Q, KV, S = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.shared_intermediate_size
-    p, b = f"model.layers.{layer}", f"blk.{layer}"
+    S, p, b = c.shared_intermediate_size, f"model.layers.{layer}", f"blk.{layer}"
     lin = lambda name, n, k: (lambda: src.linear(f"{p}.{name}", n, k))
-    rope = lambda name, n, heads: (lambda: rope_permute(src.linear(f"{p}.{name}", n, D), heads))
     plain = lambda name: (lambda: src.tensor(f"{p}.{name}.weight"))  # read as stored
-    entries = [
-        (f"{b}.attn_norm.weight", (D,), plain("input_layernorm")),
-        (f"{b}.attn_q.weight", (Q, D), rope("self_attn.q_proj", Q, c.num_heads)),
-        (f"{b}.attn_k.weight", (KV, D), rope("self_attn.k_proj", KV, c.num_kv_heads)),
-        (f"{b}.attn_v.weight", (KV, D), lin("self_attn.v_proj", KV, D)),
-        (f"{b}.attn_output.weight", (D, Q), lin("self_attn.o_proj", D, Q)),
-        (f"{b}.ffn_norm.weight", (D,), plain("post_attention_layernorm")),
-    ]
+    entries = [(f"{b}.attn_norm.weight", (D,), plain("input_layernorm")), *_attention(src, c, p, b),
+               (f"{b}.ffn_norm.weight", (D,), plain("post_attention_layernorm"))]
     if not c.moe_layers[layer]:
         return entries + [(f"{b}.ffn_gate.weight", (F, D), lin("mlp.gate_proj", F, D)),
                           (f"{b}.ffn_up.weight", (F, D), lin("mlp.up_proj", F, D)),
                           (f"{b}.ffn_down.weight", (D, F), lin("mlp.down_proj", D, F))]
     m = f"{p}.mlp"
     stack = lambda proj, n, k: (lambda: src.stacked(m, proj, E, n, k))
-    return entries + [
+    entries += [
         (f"{b}.ffn_gate_inp.weight", (E, D), plain("mlp.gate")),  # the router, [E, D]
         (f"{b}.ffn_gate_exps.weight", (E, I, D), stack("gate_proj", I, D)),
         (f"{b}.ffn_up_exps.weight", (E, I, D), stack("up_proj", I, D)),
         (f"{b}.ffn_down_exps.weight", (E, D, I), stack("down_proj", D, I)),
-        (f"{b}.ffn_gate_shexp.weight", (S, D), lin("mlp.shared_experts.gate_proj", S, D)),
-        (f"{b}.ffn_up_shexp.weight", (S, D), lin("mlp.shared_experts.up_proj", S, D)),
-        (f"{b}.ffn_down_shexp.weight", (D, S), lin("mlp.shared_experts.down_proj", D, S)),
     ]
+    if S:
+        entries += [(f"{b}.ffn_gate_shexp.weight", (S, D), lin("mlp.shared_experts.gate_proj", S, D)),
+                    (f"{b}.ffn_up_shexp.weight", (S, D), lin("mlp.shared_experts.up_proj", S, D)),
+                    (f"{b}.ffn_down_shexp.weight", (D, S), lin("mlp.shared_experts.down_proj", D, S))]
+    return entries
+
+
+def _attention(src: Source, c: ModelConfig, p: str, b: str) -> list[tuple]:
+    """The attention block's tensors: q/k rows permuted for NORM rope (deepseek), q/k norms
+    over the whole projection (OLMoE) or per head (Qwen3)."""
+    D, Q, KV = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    lin = lambda name, n, k: (lambda: src.linear(f"{p}.{name}", n, k))
+    if c.model_type == "deepseek":
+        rope = lambda name, n, heads: (lambda: rope_permute(src.linear(f"{p}.{name}", n, D), heads))
+        q, k = rope("self_attn.q_proj", Q, c.num_heads), rope("self_attn.k_proj", KV, c.num_kv_heads)
+    else:
+        q, k = lin("self_attn.q_proj", Q, D), lin("self_attn.k_proj", KV, D)
+    entries = [(f"{b}.attn_q.weight", (Q, D), q), (f"{b}.attn_k.weight", (KV, D), k),
+               (f"{b}.attn_v.weight", (KV, D), lin("self_attn.v_proj", KV, D)),
+               (f"{b}.attn_output.weight", (D, Q), lin("self_attn.o_proj", D, Q))]
+    if c.qk_norm:
+        full = c.qk_norm == "full"
+        norm = lambda name: (lambda: src.tensor(f"{p}.self_attn.{name}.weight"))
+        entries += [(f"{b}.attn_q_norm.weight", (Q if full else c.head_dim,), norm("q_norm")),
+                    (f"{b}.attn_k_norm.weight", (KV if full else c.head_dim,), norm("k_norm"))]
+    return entries
 
 
 def check_supported(c: ModelConfig) -> int:
-    """llama.cpp's `deepseek` graph: leading dense layers then all-MoE, softmax routing
-    without renormalisation, shared experts, MHA/GQA without biases. -> leading dense count."""
+    """What llama.cpp's graph for the family computes: for `deepseek`, leading dense layers
+    then all-MoE, softmax routing without renormalisation, shared experts; for `olmoe` and
+    `qwen3moe`, every layer MoE, no shared expert, renormalised top-k for Qwen3 only; no
+    attention biases anywhere. -> the count of leading dense layers."""
     lead = next((i for i, moe in enumerate(c.moe_layers) if moe), c.num_layers)
     problems = []
-    if c.model_type != "deepseek":
-        problems.append(f"model_type {c.model_type!r} (only 'deepseek' is written)")
+    if c.model_type not in ARCH:
+        problems.append(f"model_type {c.model_type!r} (written: {', '.join(ARCH)})")
     if not all(c.moe_layers[lead:]):
-        problems.append("dense layers after the first MoE layer (moe_layer_freq > 1)")
-    if c.norm_topk_prob:
-        problems.append("norm_topk_prob true (llama.cpp's deepseek graph never renormalises)")
+        problems.append("dense layers after the first MoE layer")
+    if c.model_type != "deepseek" and lead:
+        problems.append("dense layers (llama.cpp's graph has MoE in every layer)")
+    renorm = c.model_type == "qwen3_moe"  # what llama.cpp's graph does, fixed per family
+    if c.norm_topk_prob != renorm:
+        problems.append(f"norm_topk_prob {str(c.norm_topk_prob).lower()} (llama.cpp's "
+                        f"{ARCH.get(c.model_type)} graph {'always' if renorm else 'never'} renormalises)")
     if c.qkv_bias or c.o_bias:
         problems.append("attention biases")
-    if not c.shared_intermediate_size:
-        problems.append("no shared experts")
+    if (c.model_type == "deepseek") != bool(c.shared_intermediate_size) or c.shared_expert_gate:
+        problems.append("shared experts" if c.shared_intermediate_size else "no shared experts")
+    if c.clip_qkv is not None or c.sliding_window is not None:
+        problems.append("clip_qkv or a sliding window")
+    if c.model_type == "olmoe" and c.num_heads != c.num_kv_heads:
+        problems.append("grouped-query attention (llama.cpp's olmoe sizes k_norm as the hidden size)")
     if problems:
-        raise ValueError("cannot write this checkpoint for llama.cpp's deepseek architecture: "
-                         + "; ".join(problems))
+        raise ValueError("cannot write this checkpoint for llama.cpp: " + "; ".join(problems))
     return lead
 
 
@@ -166,7 +195,6 @@ def _metadata(w, c: ModelConfig, lead: int, out_type: str, name: str) -> None:
     w.add_block_count(c.num_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_heads)
     w.add_head_count_kv(c.num_kv_heads)
     w.add_rope_freq_base(c.rope_theta)
@@ -175,12 +203,19 @@ def _metadata(w, c: ModelConfig, lead: int, out_type: str, name: str) -> None:
     w.add_expert_used_count(c.top_k)
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
     w.add_rope_dimension_count(c.head_dim)
+    w.add_key_length(c.head_dim)  # Qwen3's head_dim is not hidden / heads
+    w.add_value_length(c.head_dim)
     w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
-    w.add_leading_dense_block_count(lead)
     w.add_vocab_size(c.vocab_size)
     w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    w.add_expert_weights_scale(1.0)
-    w.add_expert_shared_count(c.shared_intermediate_size // c.moe_intermediate_size)
+    if c.model_type == "olmoe":  # its graph sizes the experts by feed_forward_length
+        w.add_feed_forward_length(c.moe_intermediate_size)
+    else:
+        w.add_feed_forward_length(c.intermediate_size)
+    if c.model_type == "deepseek":
+        w.add_leading_dense_block_count(lead)
+        w.add_expert_weights_scale(1.0)
+        w.add_expert_shared_count(c.shared_intermediate_size // c.moe_intermediate_size)
     w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                      "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[out_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -234,7 +269,8 @@ def _encode(e: Entry) -> np.ndarray:
 
 def write_gguf(folder: str | Path, out: str | Path, out_type: str = "Q4_0",
                log: Callable[[str], None] = lambda s: None) -> dict:
-    """Write `folder` (a `deepseek` checkpoint) to the GGUF file `out`; returns a summary."""
+    """Write `folder` (a `deepseek`, `olmoe` or `qwen3_moe` checkpoint) to the GGUF file `out`;
+    returns a summary."""
     import gguf
     from gguf.quants import quant_shape_to_byte_shape
     if out_type not in OUT_TYPES:
@@ -245,7 +281,7 @@ def write_gguf(folder: str | Path, out: str | Path, out_type: str = "Q4_0",
     src = Source(folder, c)
     entries = plan(src, c, out_type)
     tmp = out.with_name(out.name + ".partial")
-    w = gguf.GGUFWriter(tmp, "deepseek")
+    w = gguf.GGUFWriter(tmp, ARCH[c.model_type])
     _metadata(w, c, lead, out_type, folder.name)
     vocab = _vocab(w, folder, c)
     for e in entries:
