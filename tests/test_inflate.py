@@ -2,7 +2,7 @@
 (logits equal up to float rounding) and routes every token to the same experts, for fp and
 GPTQ (act-order) checkpoints. The benchmark of a trained model at 16B expert sizes rests on it."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,8 +12,12 @@ from moe_edge.api import load_model
 from moe_edge.model.moe import Router
 from moe_edge.testing import write_checkpoint, write_gptq_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from inflate import inflate  # noqa: E402
+# by path, not with bench/ on sys.path: its scripts' names (kernels, trace) are packages too,
+# and transformers imports `kernels` when it finds one
+_spec = importlib.util.spec_from_file_location("bench_inflate", Path(__file__).parents[1] / "bench" / "inflate.py")
+_inflate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_inflate)
+inflate = _inflate.inflate
 
 FORWARD = Router.forward
 TARGET = dict(hidden_size=256, head_dim=64, intermediate_size=160, moe_intermediate_size=64)
@@ -57,9 +61,8 @@ def test_inflating_refuses_inexact_factors(tmp_path):
 def test_repeated_layers_stack_the_moe_layers_with_their_weights(tmp_path):
     """--repeat K: the leading dense layers once, then the MoE layers K times over, each copy
     the same tensors as its source layer; the result loads and runs."""
-    from inflate import repeat_layers
-
     from moe_edge.checkpoint import CheckpointReader
+    repeat_layers = _inflate.repeat_layers
     src = write_checkpoint(tmp_path / "src", "deepseek", seed=2, first_k_dense_replace=1, num_hidden_layers=3)
     dst = repeat_layers(src, tmp_path / "x3", 3)
     a, b = CheckpointReader(src), CheckpointReader(dst)
