@@ -74,6 +74,9 @@ class UncachedExperts:
             self.counter["bytes"] += self.store.stride
             yield e, expert_from_buffer(self.layouts[(self.layer, e)], self.scratch, self.hidden, self.width)
 
+    def start(self, ids: list[int]) -> None:
+        pass  # reads on demand only
+
     def apply(self, inputs, ids: list[int]) -> torch.Tensor:
         return torch.cat([inputs(expert) for _, expert in self.experts_for(ids)])  # [A, D], each before the next read
 

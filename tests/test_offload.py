@@ -241,6 +241,26 @@ def test_prefetch_accounting_by_hand():
     assert (s.predicted, s.predicted_correct, s.actual) == (2, 1, 2)
 
 
+def test_started_loads_are_counted_once_and_keep_the_steps_experts():
+    """`start` (a decode step's experts, before its shared experts) loads the missing ones
+    at once without evicting another of the step's experts; the `experts_for` that follows
+    finds them in flight: one miss each, one hit for each cached one, one read each."""
+    gate = threading.Event()
+    cache, store = tiny_cache(slots=3, gate=gate, threaded=True)
+    gate.set()
+    run(cache, [0, 1, 2])
+    gate.clear()
+    cache.start(1, [2, 3, 4])  # 2 cached; 3 and 4 must evict 0 and 1, not 2
+    assert sorted(cache.resident(1)) == [2, 3, 4]
+    assert cache.all_ready(1, [2]) and not cache.all_ready(1, [3])  # 3 and 4 are still reading
+    gate.set()
+    assert sorted(run(cache, [2, 3, 4])) == [2, 3, 4]
+    cache.close()
+    s = cache.stats().layers[1]
+    assert (s.hits, s.misses) == (1, 5) and store.loads == [0, 1, 2, 3, 4]
+    assert not cache.layers[1].started and not cache.layers[1].pinned
+
+
 def test_in_flight_load_is_never_duplicated():
     gate = threading.Event()
     cache, store = tiny_cache(slots=3, gate=gate, threaded=True)
@@ -391,7 +411,8 @@ def test_disk_store_is_reused_by_the_next_load(ckpts, tmp_path, monkeypatch):
 def test_prediction_does_not_cascade(ckpts):
     """One layer's hook predicts only the next `depth` MoE layers (a prediction must not
     trigger the hooks of the layers it looks at)."""
-    lm = load_offloaded(ckpts["fp"], device="cpu", expert_cache=8, prefetch_depth=1, slow_tier="ram")
+    lm = load_offloaded(ckpts["fp"], device="cpu", expert_cache=8, prefetch_depth=1, slow_tier="ram",
+                        prefetch="always")  # the hooks, whatever a governor would pick
     scheduled = []
     original = lm.offload.cache.schedule_prefetch
     lm.offload.cache.schedule_prefetch = lambda layer, experts, now=False: (
@@ -404,26 +425,62 @@ def test_prediction_does_not_cascade(ckpts):
     lm.offload.close()
 
 
-@pytest.mark.parametrize("on_ms, off_ms, chosen", [(2.0, 1.0, False), (1.0, 3.0, True)])
-def test_prefetch_governor_keeps_the_side_that_measures_faster(monkeypatch, on_ms, off_ms, chosen):
-    """Decode steps alternate epochs with and without prefetch, then the faster side runs
-    (and is measured again later); a prefill between steps is not counted as a step."""
+def _drive(monkeypatch, gov, steps: int, ms, pause_at=()) -> list[bool]:
+    """Run `gov` for `steps` decode steps, step i taking ms(i, on) milliseconds, with a long
+    prefill before each step in `pause_at`; -> what each step did."""
     from moe_edge.offload import prefetch
     clock = [0.0]
     monkeypatch.setattr(prefetch.time, "perf_counter", lambda: clock[0])
-    gov = prefetch.PrefetchGovernor(epoch=4, explore=2, exploit=10, decisive=None)
     seen = []
-    for i in range(16 + 10 + 8):
+    for i in range(steps):
+        if i in pause_at:
+            gov.pause()
+            clock[0] += 1.0  # a long prefill: must not count against either side
         gov.step()
         seen.append(gov.on)
-        clock[0] += (on_ms if gov.on else off_ms) / 1e3
-        if i == 5:
-            gov.pause()
-            clock[0] += 1.0  # a long prefill: must not count against the side measuring now
-    assert seen[:16] == [True] * 4 + [False] * 4 + [True] * 4 + [False] * 4
+        clock[0] += ms(i, gov.on) / 1e3
+    return seen
+
+
+@pytest.mark.parametrize("on_ms, off_ms, chosen", [(2.0, 1.0, False), (1.0, 3.0, True), (0.97, 1.0, False)])
+def test_prefetch_governor_keeps_the_side_that_measures_faster(monkeypatch, on_ms, off_ms, chosen):
+    """Decode steps run pairs of epochs without and with prefetch, each pair starting with
+    the side the one before ended with, then the faster side runs (and is measured again
+    later); prefetch must win by more than `favour_off` (5%): 3% faster is not enough."""
+    from moe_edge.offload import prefetch
+    gov = prefetch.PrefetchGovernor(epoch=4, explore=2, exploit=10, decisive=None)
+    seen = _drive(monkeypatch, gov, 16 + 10 + 8, lambda i, on: on_ms if on else off_ms)
+    assert seen[:16] == [False] * 4 + [True] * 4 + [True] * 4 + [False] * 4
     assert gov.chosen is chosen and seen[16:26] == [chosen] * 10
-    assert seen[26:34] == [chosen] * 4 + [not chosen] * 4  # re-measured, the chosen side first
-    assert gov.summary()["step_ms_on"] == on_ms and gov.summary()["step_ms_off"] == off_ms
+    assert seen[26:34] == [False] * 4 + [True] * 4
+    assert gov.summary()["ratios"] == pytest.approx([on_ms / off_ms] * 2, rel=1e-3)  # the re-measured pair ends with the next step
+
+
+def test_a_prefill_inside_a_pair_drops_the_pair(monkeypatch):
+    """Only the two halves of one pair, measured in one generation, are compared: a short
+    reply whose steps hit in cache (fast, prefetch on) must not be weighed against a long
+    one whose steps miss (slow, prefetch off). With the pair dropped at the prefill and
+    measured again inside the long reply, the side that is faster there wins."""
+    from moe_edge.offload import prefetch
+    gov = prefetch.PrefetchGovernor(epoch=4, explore=1, exploit=10, decisive=None)
+    # steps 0-5: a short warm reply (1 ms whatever the side); from step 6 on, a long reply in
+    # which prefetch costs (3 ms against 2 ms)
+    seen = _drive(monkeypatch, gov, 6 + 8 + 10, lambda i, on: 1.0 if i < 6 else 3.0 if on else 2.0,
+                  pause_at=(6,))
+    assert seen[:6] == [False] * 4 + [True] * 2  # the pair cut short by the prefill
+    assert seen[6:14] == [True] * 4 + [False] * 4  # measured again, the other side first
+    assert gov.chosen is False and seen[14:] == [False] * 10
+    assert gov.summary()["ratios"] == [1.5]
+
+
+def test_an_epochs_first_step_is_not_measured(monkeypatch):
+    """The other side's loads still land in an epoch's first step: it carries their cost,
+    so it is left out of the epoch's median."""
+    from moe_edge.offload import prefetch
+    gov = prefetch.PrefetchGovernor(epoch=3, explore=1, exploit=10, decisive=None)
+    # the first step of every epoch is slow (the side before it left work); the rest equal
+    _drive(monkeypatch, gov, 6 + 1, lambda i, on: 9.0 if i % 3 == 0 else 1.0)
+    assert gov.summary()["ratios"] == [1.0]
 
 
 @pytest.mark.parametrize("on_ms, off_ms, pairs", [(1.3, 1.0, 1), (0.7, 1.0, 1), (1.05, 1.0, 3)])
@@ -431,15 +488,10 @@ def test_prefetch_governor_stops_exploring_once_decisive(monkeypatch, on_ms, off
     """A side 30% slower after one pair of epochs is not measured again; 5% is within the
     margin, so every planned pair is measured before choosing."""
     from moe_edge.offload import prefetch
-    clock = [0.0]
-    monkeypatch.setattr(prefetch.time, "perf_counter", lambda: clock[0])
     gov = prefetch.PrefetchGovernor(epoch=4, explore=3, exploit=10, decisive=0.1)
-    seen = []
-    for _ in range(8 * pairs + 10):
-        gov.step()
-        seen.append(gov.on)
-        clock[0] += (on_ms if gov.on else off_ms) / 1e3
-    assert seen[:8 * pairs] == ([True] * 4 + [False] * 4) * pairs
+    seen = _drive(monkeypatch, gov, 8 * pairs + 10, lambda i, on: on_ms if on else off_ms)
+    order = ([False] * 4 + [True] * 8 + [False] * 4) * 2  # pairs alternate which side goes first
+    assert seen[:8 * pairs] == order[:8 * pairs]
     assert gov.chosen is (on_ms < off_ms) and seen[8 * pairs:] == [gov.chosen] * 10
 
 
@@ -447,18 +499,19 @@ def test_a_decisive_governor_still_remeasures_after_exploiting(monkeypatch):
     """An early choice is not final: after `exploit` steps both sides are measured again, so
     when prefetch becomes the faster side (a warm disk, a routing change) it is chosen."""
     from moe_edge.offload import prefetch
-    clock = [0.0]
-    monkeypatch.setattr(prefetch.time, "perf_counter", lambda: clock[0])
     gov = prefetch.PrefetchGovernor(epoch=4, explore=3, exploit=10, keep=1, decisive=0.1)
-    seen = []
-    for i in range(8 + 10 + 8 + 10):
-        gov.step()
-        seen.append(gov.on)
-        slow_on = i < 8 + 10  # prefetch loses at first, wins from the re-measure on
-        clock[0] += (1.3 if gov.on and slow_on else 0.5 if gov.on else 1.0) / 1e3
+    # prefetch loses at first, wins from the re-measure on
+    seen = _drive(monkeypatch, gov, 8 + 10 + 8 + 10,
+                  lambda i, on: (1.3 if i < 18 else 0.5) if on else 1.0)
     assert seen[8:18] == [False] * 10  # decided after one pair
-    assert seen[18:26] == [False] * 4 + [True] * 4  # re-measured, the chosen side first
+    assert seen[18:26] == [True] * 4 + [False] * 4  # re-measured
     assert seen[26:] == [True] * 10 and gov.chosen is True
+
+
+def test_a_governor_epoch_must_leave_a_step_to_measure():
+    from moe_edge.offload import prefetch
+    with pytest.raises(ValueError, match="epoch"):
+        prefetch.PrefetchGovernor(epoch=1)
 
 
 def test_governed_prefetch_keeps_offloaded_tokens_equal_to_resident(ckpts):

@@ -24,10 +24,14 @@ class ExpertProvider(Protocol):
     than slots) every yielded expert stays valid until the iterator is closed, without it
     only until the next one is asked for. `apply(inputs, ids)` (decode: one token, k
     experts) returns `[A, D]`, row a being expert `ids[a]` applied to the input; how the
-    experts are batched is the provider's business.
+    experts are batched is the provider's business. `start(ids)` (decode) comes first, as
+    soon as the router has picked them: a provider that loads experts starts the missing
+    ones, so the loads overlap the shared experts the block computes before `apply`.
     """
 
     def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, Expert]]: ...
+
+    def start(self, ids: list[int]) -> None: ...
 
     def apply(self, inputs: "ExpertInput", ids: list[int]) -> torch.Tensor: ...
 
@@ -42,6 +46,9 @@ class ResidentExperts(nn.ModuleList):
     def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, Expert]]:
         for e in ids:  # resident: valid for good, held or not
             yield e, self[e]
+
+    def start(self, ids: list[int]) -> None:
+        pass  # resident: nothing to load
 
     def apply(self, inputs: "ExpertInput", ids: list[int]) -> torch.Tensor:
         return torch.cat([inputs(self[e]) for e in ids])  # [A, D]
@@ -119,14 +126,26 @@ class MoEBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, D]
         weights, ids = self.gate(flat)
+        weights = weights if weights.dtype == x.dtype else weights.to(x.dtype)
         inputs = ExpertInput(flat)
-        out = self.routed(inputs, weights if weights.dtype == x.dtype else weights.to(x.dtype), ids)
-        if self.shared_experts is not None:
-            shared = inputs(self.shared_experts).to(x.dtype)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
-            out = out + shared
-        return out.view(shape)
+        picked = ids.tolist()[0] if flat.shape[0] == 1 else None  # decode: the k experts
+        if picked is not None:
+            self.experts.start(picked)  # their loads overlap the shared experts
+        shared = self.shared(inputs, x.dtype)
+        if picked is not None:
+            ys = self.experts.apply(inputs, picked).to(flat.dtype)  # [A, D]
+            out = (weights.view(-1, 1) * ys).sum(0, keepdim=True)
+        else:
+            out = self.routed(inputs, weights, ids)
+        return (out if shared is None else out + shared).view(shape)
+
+    def shared(self, inputs: ExpertInput, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.shared_experts is None:
+            return None
+        shared = inputs(self.shared_experts).to(dtype)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(inputs.x)) * shared
+        return shared
 
     def routed(self, inputs: ExpertInput, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Group tokens by expert: one call per active expert on all of its tokens.
@@ -138,9 +157,6 @@ class MoEBlock(nn.Module):
         """
         N, A = ids.shape
         flat = inputs.x
-        if N == 1:  # decode: k experts, one token
-            ys = self.experts.apply(inputs, ids.tolist()[0]).to(flat.dtype)  # [A, D]
-            return (weights.view(A, 1) * ys).sum(0, keepdim=True)
         flat_ids = ids.reshape(-1)  # [N*A]
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.gate.weight.shape[0])

@@ -125,6 +125,7 @@ class LayerCache:
     pinned: set[int] = field(default_factory=set)
     stats: LayerStats = field(default_factory=LayerStats)
     predicted: set[int] = field(default_factory=set)  # the prefetcher's guess for the next call
+    started: set[int] = field(default_factory=set)  # demand loads started ahead (`start`), not yet asked for
 
 
 class ExpertCache:
@@ -185,7 +186,9 @@ class ExpertCache:
         lc = self.layers[layer]
         if expert in lc.where:
             slot = lc.slots[lc.where[expert]]
-            if not prefetch:
+            if not prefetch and expert in lc.started:  # its miss was counted when it started
+                lc.started.discard(expert)
+            elif not prefetch:
                 if slot.prefetched and self._cancel(slot):  # still queued: now a demand load
                     slot.handle = self.loader.start(self.index_of(layer, expert), slot.buf)
                 lc.stats.hits += 1
@@ -246,6 +249,21 @@ class ExpertCache:
                 self.request(layer, e, prefetch=True)
 
     # --- the ExpertProvider protocol, per layer -----------------------------------------
+    def start(self, layer: int, ids: list[int]) -> None:
+        """Start the loads of the missing ones of `ids` (a decode step's experts, at most as
+        many as slots) now; `experts_for(ids)`, which must follow, finds them in flight.
+        Every one of `ids` is pinned until then, so none is evicted for another. Where only
+        loads still in flight could make room, the rest are left to `experts_for`."""
+        lc = self.layers[layer]
+        lc.pinned.update(ids)
+        for e in ids:
+            if e not in lc.where:
+                i = self._victim(lc)
+                if i is None:
+                    return
+                self._load_into(layer, lc, i, e, prefetch=False)
+                lc.started.add(e)
+
     def experts_for(self, layer: int, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, MLP]]:
         """Resident experts first, then the others as their loads land; more experts than
         slots (prefill) stream through the slots, loading ahead while one computes. With
@@ -273,6 +291,7 @@ class ExpertCache:
                     lc.pinned.discard(e)
         finally:
             lc.pinned.clear()
+            lc.started.clear()
 
     @staticmethod
     def _land_one_prefetch(lc: LayerCache) -> None:
@@ -322,6 +341,9 @@ class LayerExperts:
 
     def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, MLP]]:
         return self.cache.experts_for(self.layer, ids, hold)
+
+    def start(self, ids: list[int]) -> None:
+        self.cache.start(self.layer, ids)
 
     def apply(self, inputs: ExpertInput, ids: list[int]) -> torch.Tensor:
         """[A, D] for one decode row: cached experts first, gate+up rows computed as the

@@ -19,32 +19,48 @@ from .cache import ExpertCache
 class PrefetchGovernor:
     """Whether decode prefetches, decided by measuring it: a prefetch pays only when the load
     it hides costs more than predicting it, issuing it and the misses its evictions cause,
-    which depends on the disk, the model and its routing. So decode steps alternate in
-    epochs of `epoch` tokens between prefetching and not until each side has `explore`
-    epochs; the faster side (median step time) then runs for `exploit` steps, and one epoch
-    of each is measured again, the oldest epochs forgotten (`keep` per side). A comparison
-    that is already `decisive` (one side's median that much slower) after a pair of epochs
-    ends the exploring early: measuring the losing side costs what it loses (the 16B-sized
-    demo x3 at 35/64 slots under a memory limit: 85 ms steps with prefetch, 70 without).
+    which depends on the disk, the model and its routing.
+
+    Decode steps run in pairs of epochs of `epoch` steps, one without prefetch and one with,
+    back to back within one generation; a pair gives one ratio, the median step time with
+    prefetch over the median without. Only the two halves of one pair are compared, because
+    step times drift more between generations than prefetch changes them (a warm-up reply
+    that hits in cache against a long one that misses: 28 against 79 ms a step on the
+    16B-sized demo x3). So a prefill in the middle of a pair drops the pair, and the first
+    step of each epoch is not measured (the other side's loads still land in it). A side
+    also leaves the cache to the next epoch (prefetched experts that were never used, in
+    slots that held useful ones), so pairs alternate which side goes first. After up to
+    `explore` pairs the side the median ratio favours runs for `exploit` steps, then one
+    pair is measured again, the oldest ratios forgotten (`keep`). Prefetch must win by
+    `favour_off`: what it leaves behind and the CPU its reads take from other threads fall
+    outside its own epochs (the 16B-sized demo x3, unlimited, 35 of 64 slots: pairs measured
+    it 1.02 and 0.68 of off, and 96 steps with it ran at 0.91 of off). A median ratio
+    already `decisive` (that far from 1) ends the exploring early: measuring the losing
+    side costs what it loses.
 
     `step()` is called once per decode step; `on` says what this step does.
     """
 
-    def __init__(self, epoch: int = 8, explore: int = 3, exploit: int = 192, keep: int = 6,
-                 decisive: float | None = 0.1):
-        self.epoch, self.exploit, self.keep, self.decisive = epoch, exploit, keep, decisive
-        self.times: dict[bool, list[float]] = {True: [], False: []}  # per-epoch median step time
-        self.plan: list[bool] = [m for _ in range(explore) for m in (True, False)]  # epochs to measure
-        self.on, self.left, self.measuring = True, 0, False
+    def __init__(self, epoch: int = 6, explore: int = 3, exploit: int = 192, keep: int = 6,
+                 decisive: float | None = 0.1, favour_off: float = 0.05):
+        if epoch < 2:
+            raise ValueError(f"a governor epoch of {epoch} steps measures nothing: its first step is not measured")
+        self.epoch, self.explore, self.exploit, self.keep, self.decisive = epoch, explore, exploit, keep, decisive
+        self.favour_off = favour_off
+        self.ratios: list[float] = []  # per measured pair: median step with prefetch / without
+        self.pairs_left = explore  # pairs to measure before choosing
+        self.pair: dict[bool, float] = {}  # the current pair's measured epochs: side -> median step
+        self.on, self.left, self.measuring = False, 0, False
         self.steps: list[float] = []
         self.last: float | None = None
         self.chosen: bool | None = None  # what the last comparison picked
-        self.fresh = 0  # epochs measured since the last choice
+        self.fresh = 0  # pairs measured since the last choice
+        self.pairs = 0  # pairs started: they alternate which side goes first
         self.steps_on = self.steps_off = 0
 
     def step(self) -> None:
         now = time.perf_counter()
-        if self.last is not None and self.measuring:
+        if self.last is not None and self.measuring and self.left < self.epoch:  # not an epoch's first step
             self.steps.append(now - self.last)
         self.last = now
         if self.left == 0:
@@ -54,38 +70,38 @@ class PrefetchGovernor:
         self.steps_off += not self.on
 
     def pause(self) -> None:
-        """A non-decode call (prefill) came between steps: the next interval is not a step."""
+        """A non-decode call (prefill) came between steps: the next interval is not a step,
+        and a pair being measured is measured again from the start."""
         self.last = None
+        if self.measuring:
+            self.pair, self.steps, self.left = {}, [], 0
 
     def _next_phase(self) -> None:
         if self.measuring and self.steps:
-            side = self.times[self.on]
-            side.append(statistics.median(self.steps))
-            del side[:-self.keep]
-            self.fresh += 1
+            self.pair[self.on] = statistics.median(self.steps)
+            if len(self.pair) == 2:
+                self.ratios = (self.ratios + [self.pair[True] / self.pair[False]])[-self.keep:]
+                self.pair, self.fresh, self.pairs_left = {}, self.fresh + 1, self.pairs_left - 1
         self.steps = []
-        if self.plan and not self._decided():
-            self.on, self.left, self.measuring = self.plan.pop(0), self.epoch, True
-            return
-        self.chosen = statistics.median(self.times[True]) <= statistics.median(self.times[False])
-        self.on, self.left, self.measuring, self.fresh = self.chosen, self.exploit, False, 0
-        self.plan = [True, False] if self.chosen else [False, True]
+        if self.pair:  # the pair's other half
+            self.on, self.left = not self.on, self.epoch
+        elif self.pairs_left > 0 and not self._decided():
+            self.on, self.left, self.measuring = self.pairs % 2 == 1, self.epoch, True
+            self.pairs += 1
+        else:
+            self.chosen = statistics.median(self.ratios) < 1.0 - self.favour_off
+            self.on, self.left, self.measuring = self.chosen, self.exploit, False
+            self.fresh, self.pairs_left = 0, 1
 
     def _decided(self) -> bool:
-        """After a whole pair of epochs measured since the last choice: whether one side is
-        already `decisive`ly slower."""
-        if self.decisive is None or self.fresh < 2 or self.fresh % 2:
+        """Whether the pairs measured since the last choice are already decisive."""
+        if self.decisive is None or self.fresh == 0:
             return False
-        on, off = statistics.median(self.times[True]), statistics.median(self.times[False])
-        return abs(on - off) > self.decisive * min(on, off)
+        return abs(statistics.median(self.ratios[-self.fresh:]) - 1.0) > self.decisive
 
     def summary(self) -> dict:
         return {"chosen": self.chosen, "steps_on": self.steps_on, "steps_off": self.steps_off,
-                "step_ms_on": _ms(self.times[True]), "step_ms_off": _ms(self.times[False])}
-
-
-def _ms(times: list[float]) -> float | None:
-    return round(1e3 * statistics.median(times), 3) if times else None
+                "ratios": [round(r, 3) for r in self.ratios]}
 
 
 class Prefetcher:
