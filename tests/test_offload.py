@@ -295,6 +295,29 @@ def test_demand_loads_go_before_queued_prefetches_and_take_their_slots():
     assert s.bytes_moved == 3 * store.stride and cache.resident(1) == [0, 2, 3]
 
 
+def test_a_layers_queued_prefetches_are_dropped_once_it_has_run():
+    """Prefetches of a layer still queued when the layer has run guessed wrong: they are
+    cancelled (never read, their slots free again) instead of taking disk time from the
+    loads of the layers after it. One being read is left to land."""
+    gate = threading.Event()
+    cache, store = tiny_cache(slots=3, gate=gate, threaded=True, reads=1)
+    gate.set()
+    run(cache, [0])
+    gate.clear()
+    reading = cache.request(1, 5, prefetch=True).handle
+    while not reading.running():  # the one reader is busy with 5 ...
+        time.sleep(0.001)
+    cache.schedule_prefetch(1, [1], now=True)  # ... while 1 queues behind it
+    assert run(cache, [0]) == [0]  # a hit: the layer runs without waiting
+    assert cache.resident(1) == [0, 5]
+    s = cache.stats().layers[1]
+    assert s.bytes_moved == 2 * store.stride and (s.prefetch_issued, s.prefetch_wasted) == (2, 1)
+    gate.set()
+    assert sorted(run(cache, [1, 2])) == [1, 2]  # the freed slot takes a demand load
+    cache.close()
+    assert store.loads == [0, 5, 1, 2]
+
+
 def test_several_reads_in_flight_give_the_same_experts():
     """Four readers, loads landing in any order: every expert computes what the store holds."""
     cache, store = tiny_cache(slots=3, experts=6, threaded=True, reads=4)

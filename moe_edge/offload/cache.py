@@ -292,6 +292,19 @@ class ExpertCache:
         finally:
             lc.pinned.clear()
             lc.started.clear()
+            self._drop_stale_prefetches(lc)
+
+    def _drop_stale_prefetches(self, lc: LayerCache) -> None:
+        """The layer has run: its prefetches still queued guessed wrong for this step, and
+        read now they would only take disk time from the next layers' loads. Cancelled, their
+        slots are free again (what they held was evicted when they were issued)."""
+        for slot in lc.slots:
+            if slot.prefetched and self._cancel(slot):
+                del lc.where[slot.expert]
+                lc.policy.forget(slot.expert)
+                lc.stats.bytes_moved -= self.store.stride  # never read
+                lc.stats.prefetch_wasted += 1
+                slot.expert, slot.prefetched = None, False
 
     @staticmethod
     def _land_one_prefetch(lc: LayerCache) -> None:
