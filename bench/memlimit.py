@@ -181,6 +181,8 @@ def engine_summary(mine: list[dict], new_tokens: int, bar: list[int] | None) -> 
         "peak_rss_mib": round(max(r["peak_rss_bytes"] for r in ok) / 2**20, 1),
         "storage_read_mib_total": round(med("total_read_bytes") / 2**20, 1),
         "storage_read_mib_per_decode_token": round(med("storage_read_bytes") / (new_tokens - 1) / 2**20, 1),
+        **({"faults_per_decode_token": {k: round(med(f"{k}_faults") / (new_tokens - 1), 1) for k in ("minor", "major")}}
+           if "minor_faults" in last else {}),
         "tokens": last["tokens"], "same_tokens_as_resident": None if bar is None else last["tokens"] == bar,
         **{k: last[k] for k in ("hit_rate", "prefetch_precision", "prefetch_recall", "stall_s", "plan", "dtype")
            if k in last},

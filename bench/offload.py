@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
+import sys
+import time
 
 import torch
-from _machine import machine  # bench/ is on sys.path when a script runs
+from _machine import commit, emit, machine  # bench/ is on sys.path when a script runs
 
 from moe_edge.api import load, load_offloaded
 from moe_edge.evaluate import forced_decode, heldout_ids
@@ -40,11 +41,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--caches", default="100%,50%,25%,topk", help="comma-separated cache sizes")
+    ap.add_argument("--caches", default="100%,50%,25%,topk",
+                    help="comma-separated cache sizes: a share (50%%), slots per layer (35), a size, topk")
     ap.add_argument("--prefetch", default="0,1x,2x",
                     help="comma-separated: 0 (off), 1x (next layer, top-k wide), 2x (2 x top-k wide), "
                          "each every step; auto (1x while it measures faster: the default)")
     ap.add_argument("--offload-dir", default=None, help="where the disk expert store is cached")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--reads", default="4", help="comma-separated loads in flight (load_offloaded(reads=))")
     args = ap.parse_args()
     if args.threads:
@@ -56,7 +59,7 @@ def main() -> None:
     rows = []
     settings = {"0": (0, None, "always"), "1x": (1, k, "always"), "2x": (1, 2 * k, "always"),
                 "auto": (1, k, "auto")}
-    for cache in [k if c == "topk" else c for c in args.caches.split(",")]:
+    for cache in [k if c == "topk" else int(c) if c.isdigit() else c for c in args.caches.split(",")]:
         for (depth, width, mode), reads in itertools.product((settings[p] for p in args.prefetch.split(",")),
                                                        map(int, args.reads.split(","))):
             lm = load_offloaded(args.model, device="cpu", expert_cache=cache, prefetch_depth=depth,
@@ -69,7 +72,7 @@ def main() -> None:
                 base.append(decode_tps(resident, text, args.prompt_tokens))
                 off.append(decode_tps(lm, text, args.prompt_tokens))
             s = lm.offload_stats().total
-            rows.append({"expert_cache": cache if isinstance(cache, str) else f"{cache} slots (top-k)",
+            rows.append({"expert_cache": cache if isinstance(cache, str) else f"{cache} slots" + " (top-k)" * (cache == k),
                          "slots_per_layer": lm.offload.plan.slots_per_layer, "prefetch_depth": depth, "prefetch": mode, "reads": reads,
                          "prefetch_width": lm.offload.prefetcher.width if lm.offload.prefetcher else 0,
                          "decode_tps": round(statistics.median(off), 1),
@@ -83,12 +86,13 @@ def main() -> None:
                          "governor": lm.offload.prefetcher.governor.summary()
                          if lm.offload.prefetcher and lm.offload.prefetcher.governor else None})
             lm.offload.close()
-    print(json.dumps({
+    emit({
         "model": args.model, "slow_tier": args.slow_tier, "experts": E, "top_k": k,
         "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
         "results": rows,
-        "machine": machine(),
-    }))
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "commit": commit(),
+        "command": " ".join(["python", *sys.argv]),
+    }, args.out)
 
 
 if __name__ == "__main__":

@@ -225,8 +225,11 @@ def _compact(names: list[str]) -> list[str]:
 
 
 def _io() -> dict:
+    """The process's I/O counters and page faults so far (major: read from storage)."""
     with open("/proc/self/io") as f:
-        return {k: int(v) for k, v in (line.split(": ") for line in f)}
+        io = {k: int(v) for k, v in (line.split(": ") for line in f)}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {**io, "minor_faults": usage.ru_minflt, "major_faults": usage.ru_majflt}
 
 
 def measure(engine, prompt: list[int], new_tokens: int, warmup: list[int]) -> dict:
@@ -248,7 +251,8 @@ def measure(engine, prompt: list[int], new_tokens: int, warmup: list[int]) -> di
             "rss_bytes": mem.rss, "rss_anon_bytes": mem.rss - mem.shared,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "storage_read_bytes": io1["read_bytes"] - io0["read_bytes"], "total_read_bytes": io1["read_bytes"],
-            "rchar_bytes": io1["rchar"] - io0["rchar"], **engine.moved(), **engine.info()}
+            "rchar_bytes": io1["rchar"] - io0["rchar"], "minor_faults": io1["minor_faults"] - io0["minor_faults"],
+            "major_faults": io1["major_faults"] - io0["major_faults"], **engine.moved(), **engine.info()}
 
 
 def random_prompt(vocab: int, n: int, seed: int = 0) -> list[int]:
