@@ -531,10 +531,12 @@ def test_a_decisive_governor_still_remeasures_after_exploiting(monkeypatch):
     assert seen[26:] == [True] * 10 and gov.chosen is True
 
 
-def test_a_governor_epoch_must_leave_a_step_to_measure():
+def test_a_governor_must_have_something_to_measure():
     from moe_edge.offload import prefetch
     with pytest.raises(ValueError, match="epoch"):
         prefetch.PrefetchGovernor(epoch=1)
+    with pytest.raises(ValueError, match="pair"):
+        prefetch.PrefetchGovernor(explore=0)
 
 
 def test_governed_prefetch_keeps_offloaded_tokens_equal_to_resident(ckpts):

@@ -45,7 +45,9 @@ class PrefetchGovernor:
                  decisive: float | None = 0.1, favour_off: float = 0.05):
         if epoch < 2:
             raise ValueError(f"a governor epoch of {epoch} steps measures nothing: its first step is not measured")
-        self.epoch, self.explore, self.exploit, self.keep, self.decisive = epoch, explore, exploit, keep, decisive
+        if explore < 1:
+            raise ValueError(f"a governor must measure at least one pair of epochs before choosing, not {explore}")
+        self.epoch, self.exploit, self.keep, self.decisive = epoch, exploit, keep, decisive
         self.favour_off = favour_off
         self.ratios: list[float] = []  # per measured pair: median step with prefetch / without
         self.pairs_left = explore  # pairs to measure before choosing
