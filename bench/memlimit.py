@@ -91,7 +91,7 @@ def worker(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="memlimit-", dir=args.work) as tmp:
         t0 = time.perf_counter()
         engine = open_engine(args.worker, args.model, args.budget or None, args.work, Path(tmp),
-                             json.loads(args.moe_edge_options))
+                             args.moe_edge_options)
         load_s = time.perf_counter() - t0
         print(f"loaded in {load_s:.1f} s; decoding", file=sys.stderr, flush=True)  # how far an OOM-killed run got
         r = measure(engine, prompt_ids(args, vocab), args.new_tokens, random_prompt(vocab, 16, seed=1))
@@ -155,7 +155,7 @@ def run_engine(args, engine: str, limit: int | None) -> dict:
     budget = limit - args.allowance if limit else 0
     cmd = llama_cmd(args, engine) if engine in LLAMA else worker_cmd(
         __file__, args, engine, "--budget", str(budget), "--text", args.text,
-        "--moe-edge-options", args.moe_edge_options)
+        "--moe-edge-options", json.dumps(args.moe_edge_options))
     print(f"[{time.strftime('%H:%M:%S')}] {engine}, limit {f'{limit / 2**30:.2f} GiB' if limit else 'none'} ...",
           file=sys.stderr, flush=True)
     r = {"engine": engine, "limit_bytes": limit, **run_limited(cmd, limit, "memlimit", args.run_timeout)}
@@ -218,7 +218,8 @@ def summarise(runs: list[dict], args, info) -> dict:
                        "moe_edge_ratios": ratios(results)})
     keep = ("checkpoint_bytes", "dense_bytes", "expert_bytes", "moe_layers", "experts_per_layer", "top_k")
     return {"model": str(args.model), "shape": args.shape, "model_info": {k: getattr(info, k) for k in keep},
-            "allowance_bytes": args.allowance, "moe_edge_options": json.loads(args.moe_edge_options), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "allowance_bytes": args.allowance, "moe_edge_options": args.moe_edge_options,
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "threads": args.threads, "unlimited": sorted(UNLIMITED & set(args.engines)),
             "order": "engines rotated each repeat, one subprocess and memory cgroup per run, caches dropped first",
             "limits": limits, "skipped": args.skipped, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
@@ -234,7 +235,7 @@ def main() -> None:
     ap.add_argument("--run-timeout", type=float, default=600, help="seconds before a run is killed (and says so)")
     ap.add_argument("--text", choices=["random", "heldout"], default="random",
                     help="prompt: random ids, or the demo's held-out text (trained models)")
-    ap.add_argument("--moe-edge-options", default="{}",
+    ap.add_argument("--moe-edge-options", type=json.loads, default={},  # a bad value fails here, not per run
                     help='load_offloaded keywords for the moe-edge engine, as JSON (e.g. \'{"prefetch_depth": 0}\'); '
                          "default none: every setting default")
     if not (args := parse_or_work(ap, worker)):
