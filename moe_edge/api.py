@@ -219,7 +219,8 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     the next layers' experts prefetched from router predictions.
 
     `expert_cache`: "auto" (free memory after the dense part, a KV cache of `context`
-    tokens and a margin), a size ("6GB", "512MB"), a percentage of the experts ("50%"), or
+    tokens and a margin; on a CPU the KV cache of the first 512 tokens, the slots its growth
+    will need lent to the experts and given back as the context grows), a size ("6GB", "512MB"), a percentage of the experts ("50%"), or
     slots per layer (int). `slow_tier`: "auto" (pinned RAM for a GPU, disk for the CPU),
     "ram" or "disk". `prefetch_depth` 0 turns prediction off; `prefetch_width` experts are
     predicted per layer (default top-k; wider raises recall at the cost of bandwidth);
@@ -235,8 +236,8 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     >>> lm.offload_stats().total.hit_rate
     """
     from .offload.build import build_store
-    from .offload.cache import ExpertCache
-    from .offload.plan import OffloadPlan, available_memory, kv_cache_bytes, slots_for
+    from .offload.cache import ExpertCache, KVRoom
+    from .offload.plan import available_memory, kv_cache_bytes, kv_start_bytes, make_plan
     from .offload.policy import POLICIES
     from .offload.prefetch import PrefetchGovernor, Prefetcher
     bf16_weights, lm_head = exact_when_named(dtype, bf16_weights, lm_head)
@@ -261,20 +262,21 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     kv = kv_cache_bytes(config, context, model.kv_dtype)
     L, E = len(config.moe_layer_ids), config.num_experts
-    slots, margin, available = slots_for(expert_cache, device=device, resident=resident, kv=kv,
-                                         expert_bytes=store.stride, moe_layers=L, experts=E,
-                                         top_k=config.top_k, available=available)
-    plan = OffloadPlan(str(device), slow_tier, resident, kv, store.stride, L, E, config.top_k,
-                       slots, margin, available)
+    plan = make_plan(expert_cache, device=device, slow_tier=slow_tier, resident=resident, kv=kv,
+                     kv_start=kv_start_bytes(config, context, model.kv_dtype, device),
+                     expert_bytes=store.stride, moe_layers=L, experts=E, top_k=config.top_k,
+                     available=available)
     trim_heap()
     # host RAM into CPU slots: a copy on the caller's thread (both cores) beats a worker's
     # (one core, plus a thread handoff per miss): 25 vs 19 tok/s on the 16B-sized demo x3
     # at 35/64 slots, 0.75-0.79 vs 0.66-0.68 of resident on the demo at 50%
     threaded = threaded and not (store.kind == "ram" and device.type == "cpu")
-    cache = ExpertCache(store, layouts, index_of, slots, device, config.hidden_size,
+    cache = ExpertCache(store, layouts, index_of, plan.slots_per_layer, device, config.hidden_size,
                         config.moe_intermediate_size, policy, threaded, reads)
     for layer, block in model.moe_blocks().items():
         block.experts = cache.provider(layer)
+    if plan.kv_start_bytes is not None:
+        model.kv_room = KVRoom(cache, plan.kv_start_bytes, floor=config.top_k)
     governor = PrefetchGovernor() if prefetch == "auto" else None
     prefetcher = None
     if prefetch_depth > 0:
@@ -326,6 +328,6 @@ def load_auto(path: str | Path, device: str | torch.device = "auto", expert_cach
         bf16_weights, lm_head = exact_when_named(dtype, offload.get("bf16_weights"), offload.get("lm_head", "auto"))
         info = model_info(path, device_, resolve_dtype(dtype, device_), "auto", context,
                           bf16_weights=bf16_weights, lm_head=lm_head)
-        if info.plan is not None and info.plan.slots_per_layer == info.experts_per_layer:
+        if info.plan is not None and info.plan.slots_at_full_context == info.experts_per_layer:
             return load(path, device, dtype, bf16_weights, lm_head)
     return load_offloaded(path, device, expert_cache, dtype=dtype, context=context, **offload)

@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .model import layers
 from .model import MoEForCausalLM
 from .model.weights import EXPERT, WeightMap, check_shape, check_unused, expected_tensors
-from .offload.plan import OffloadPlan, kv_cache_bytes, slots_for
+from .offload.plan import OffloadPlan, kv_cache_bytes, kv_start_bytes, make_plan
 from .quant.format import read_quant_config
 from .quant.load import PARTS
 from .quant.int8 import head_in_int8
@@ -118,15 +118,15 @@ def model_info(path: str | Path, device: torch.device | str = "cpu", dtype: torc
                      dense, expert_bytes, read, _quant_summary(quant), None,
                      lm_head_int8=int8 and ("lm_head.weight" in weights.sources or config.tie_word_embeddings))
     context = min(context, config.max_position_embeddings)
-    kv = kv_cache_bytes(config, context, kv_dtype(dtype, kept16 or (keep16 and quant is not None)))  # as api._finish
+    kv_dtype_ = kv_dtype(dtype, kept16 or (keep16 and quant is not None))  # as api._finish
+    kv = kv_cache_bytes(config, context, kv_dtype_)
+    tier = slow_tier or ("ram" if device.type == "cuda" else "disk")
     try:
-        slots, margin, seen = slots_for(expert_cache, device=device, resident=dense, kv=kv,
-                                        expert_bytes=expert_bytes, moe_layers=L, experts=E, top_k=k)
+        info.plan = make_plan(expert_cache, device=device, slow_tier=tier, resident=dense, kv=kv,
+                              kv_start=kv_start_bytes(config, context, kv_dtype_, device),
+                              expert_bytes=expert_bytes, moe_layers=L, experts=E, top_k=k)
     except ConfigError as e:
         info.plan_error = str(e)
-        return info
-    tier = slow_tier or ("ram" if device.type == "cuda" else "disk")
-    info.plan = OffloadPlan(str(device), tier, dense, kv, expert_bytes, L, E, k, slots, margin, seen)
     return info
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,6 +31,19 @@ def trim_heap() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def release_pages(buf) -> bool:
+    """Return a CPU tensor's pages to the OS now (madvise MADV_DONTNEED): its memory stops
+    counting (RSS, a memory cgroup) and reads as zeros if touched again. For a buffer that is
+    never used again but shares its allocation with others (an expert slot given up). True if
+    the pages went back; False off Linux/glibc, for GPU memory or an unaligned buffer."""
+    libc = _libc()
+    start, size = buf.data_ptr(), buf.numel() * buf.element_size()
+    if libc is None or buf.device.type != "cpu" or not hasattr(mmap, "MADV_DONTNEED") \
+            or start % mmap.PAGESIZE or size % mmap.PAGESIZE:
+        return False
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), mmap.MADV_DONTNEED) == 0
 
 
 def peak_memory(device=None) -> int:

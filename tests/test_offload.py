@@ -551,3 +551,67 @@ def test_governed_prefetch_keeps_offloaded_tokens_equal_to_resident(ckpts):
         assert got == want and gov.steps_on > 0 and gov.steps_off > 0
     finally:
         lm.offload.close()
+
+
+def test_giving_up_a_slot_evicts_the_policys_victim_and_keeps_the_rest():
+    cache, store = tiny_cache(slots=4)
+    run(cache, [0, 1, 2])   # 0, 1, 2 in slots, one slot free
+    assert cache.give_up_slots() == store.stride and cache.slots_per_layer == 3
+    assert cache.resident(1) == [0, 1, 2] and len(cache.layers[1].slots) == 3  # the free slot went
+    run(cache, [1, 2])      # 0 is now least recently used
+    cache.give_up_slots()
+    lc = cache.layers[1]
+    assert cache.resident(1) == [1, 2] and len(lc.slots) == 2
+    assert all(lc.slots[i].expert == e for e, i in lc.where.items())  # the index map follows the moves
+    loads = len(store.loads)
+    assert run(cache, [1, 2]) == [1, 2] and len(store.loads) == loads  # still hits
+    assert sorted(run(cache, [3, 4])) == [3, 4]  # and misses load into the slots left
+
+
+def test_a_slot_given_up_returns_its_pages():
+    from moe_edge.memory import release_pages
+    from moe_edge.offload.store import slot_buffers
+    proc = psutil.Process()
+    bufs = slot_buffers(16 * 2**20, 2, torch.device("cpu"))
+    for b in bufs:
+        b.fill_(7)
+    before = proc.memory_info().rss
+    assert release_pages(bufs[0])
+    assert before - proc.memory_info().rss > 12 * 2**20
+    assert int(bufs[1][-1]) == 7 and not release_pages(bufs[1][1:])  # its neighbour untouched; unaligned refused
+
+
+def test_kv_cache_growth_takes_slots_and_decode_stays_resident(tmp_path, monkeypatch):
+    """expert_cache="auto" on a CPU plans the KV cache of the first 512 tokens and lends the
+    rest to the experts: a longer context takes slots back as its KV cache grows, never below
+    top-k, the KV caches never exceed what the plan holds for them, and tokens stay exact."""
+    import moe_edge.offload.plan as plan_mod
+    src = write_checkpoint(tmp_path / "m", "deepseek", **{**SHAPE, "max_position_embeddings": 1024})
+    ref = load(src, device="cpu")
+    probe = load_offloaded(src, device="cpu", expert_cache=3, slow_tier="ram")
+    p = probe.offload.plan
+    row = p.expert_bytes * p.moe_layers
+    probe.offload.close()
+    # free memory for top-k slots at a full context: all 8 at first, as the KV cache is small
+    seen = p.resident_bytes + plan_mod.MARGIN_MIN + p.kv_cache_bytes + 3 * row + row // 2
+    monkeypatch.setattr(plan_mod, "available_memory", lambda device: seen)
+    lm = load_offloaded(src, device="cpu", expert_cache="auto", slow_tier="ram")
+    try:
+        plan, cache = lm.offload.plan, lm.offload.cache
+        assert plan.slots_per_layer == 8 and plan.slots_at_full_context == 3
+        room = lm.model.kv_room
+        prompt = torch.randint(2, 300, (800,), generator=torch.Generator().manual_seed(0)).tolist()
+        from moe_edge.generation import SamplingParams, generate_ids
+        params = SamplingParams(temperature=0, max_new_tokens=12, eos_token_ids=())
+        got = list(generate_ids(lm.model, prompt, params))
+        assert got == list(generate_ids(ref.model, prompt, params))
+        kv = sum(c.nbytes() for c in room.kvs)
+        assert 3 <= cache.slots_per_layer < 8 and kv <= room.held
+        assert room.held == plan.kv_start_bytes + (8 - cache.slots_per_layer) * row
+        assert all(len(lc.slots) == cache.slots_per_layer for lc in cache.layers.values())
+        long = prompt + prompt[:200]  # the cache grows to the model's 1024 positions
+        got = list(generate_ids(lm.model, long, params))
+        assert got == list(generate_ids(ref.model, long, params))
+        assert cache.slots_per_layer >= 3 and sum(c.nbytes() for c in room.kvs) <= room.held
+    finally:
+        lm.offload.close()

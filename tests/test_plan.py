@@ -6,6 +6,7 @@ import psutil
 import pytest
 import torch
 
+from moe_edge.errors import ConfigError
 from moe_edge.offload.plan import available_memory, cgroup_headroom, slots_for
 
 MiB = 2**20
@@ -114,3 +115,34 @@ def test_kv_cache_is_planned_for_no_more_positions_than_the_model_has():
     per_token = kv_cache_bytes(config, 1, torch.float32)
     assert kv_cache_bytes(config, 4096, torch.float32) == 2048 * per_token
     assert kv_cache_bytes(config, 1000, torch.float32) == 1000 * per_token
+
+
+def test_auto_on_a_cpu_lends_the_kv_caches_later_growth_to_the_experts():
+    """The KV cache of the first tokens is planned; the rest of a full context's goes to
+    slots now, and the slots left at a full context still hold top-k."""
+    from moe_edge.offload.plan import make_plan
+    row = 27 * MiB
+    kw = dict(device=CPU, slow_tier="disk", resident=100 * MiB, kv=200 * MiB, expert_bytes=MiB,
+              moe_layers=27, experts=64, top_k=6, available=1000 * MiB)
+    full = make_plan("auto", kv_start=None, **kw)
+    lent = make_plan("auto", kv_start=25 * MiB, **kw)
+    assert full.slots_per_layer == (1000 - 100 - 200 - 256) // 27 == 16 and full.kv_start_bytes is None
+    assert lent.slots_per_layer == (1000 - 100 - 25 - 256) // 27 == 22
+    held = 1000 * MiB - 100 * MiB - 256 * MiB - 22 * row  # the KV cache's at load, slack included
+    assert lent.kv_start_bytes == held and 25 * MiB <= held < 25 * MiB + row
+    assert lent.slots_at_full_context == 22 - -(-(200 * MiB - held) // row) == full.slots_per_layer
+    assert "KV cache" in lent.describe() and "down to 16 slots per layer" in lent.describe()
+    # a size or share names the expert cache itself: the KV cache is planned beside it, whole
+    assert make_plan("50%", kv_start=25 * MiB, **kw).kv_start_bytes is None
+    with pytest.raises(ConfigError, match="too small"):  # top-k must fit at a full context
+        make_plan("auto", kv_start=25 * MiB, **{**kw, "kv": 500 * MiB})
+
+
+def test_kv_start_only_where_a_slot_can_give_its_memory_back():
+    from moe_edge.config import config_from_dict
+    from moe_edge.offload.plan import KV_START_TOKENS, kv_cache_bytes, kv_start_bytes
+    from moe_edge.testing import deepseek_config
+    config = config_from_dict(deepseek_config(max_position_embeddings=4096))
+    assert kv_start_bytes(config, 4096, torch.bfloat16, CPU) == kv_cache_bytes(config, KV_START_TOKENS, torch.bfloat16)
+    assert kv_start_bytes(config, 100, torch.bfloat16, CPU) == kv_cache_bytes(config, 100, torch.bfloat16)
+    assert kv_start_bytes(config, 4096, torch.bfloat16, torch.device("cuda")) is None

@@ -21,18 +21,26 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", limit: int | None = None):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", limit: int | None = None,
+                 room=None):
         self.shape = (batch, config.num_kv_heads, 0, config.head_dim)
         self.layers, self.dtype, self.device = config.num_layers, dtype, device
         self.limit = max(limit or config.max_position_embeddings, capacity)
-        self.k, self.v = self._allocate(capacity)
+        self.room = room  # offload.cache.KVRoom: memory taken from the expert cache as it grows
+        self.k, self.v, self.capacity = [], [], 0
+        if room is not None:
+            room.make_room(self, 2 * self.layers * self._layer_bytes(capacity))
+        self.k, self.v = ([self._zeros(capacity) for _ in range(self.layers)] for _ in range(2))
         self.capacity = capacity
         self.length = 0  # positions filled, advanced by the model after all layers ran
 
-    def _allocate(self, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _layer_bytes(self, capacity: int) -> int:
         B, K, _, Hd = self.shape
-        return tuple([torch.zeros((B, K, capacity, Hd), dtype=self.dtype, device=self.device)
-                      for _ in range(self.layers)] for _ in range(2))
+        return B * K * capacity * Hd * self.dtype.itemsize
+
+    def _zeros(self, capacity: int) -> torch.Tensor:
+        B, K, _, Hd = self.shape
+        return torch.zeros((B, K, capacity, Hd), dtype=self.dtype, device=self.device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -52,10 +60,15 @@ class KVCache:
             raise ValueError(f"context full: {positions} positions needed, the KV cache holds "
                              f"at most {self.limit}; raise the context size")
         capacity = min(max(positions, 2 * self.capacity), self.limit)
-        k, v = self._allocate(capacity)
-        for new, old in zip(k + v, self.k + self.v):
-            new.narrow(2, 0, self.length).copy_(old.narrow(2, 0, self.length))
-        self.k, self.v, self.capacity = k, v, capacity
+        if self.room is not None:  # the growth, and one layer's old tensor alive while it copies
+            grown = self._layer_bytes(capacity) - self._layer_bytes(self.capacity)
+            self.room.make_room(self, 2 * self.layers * grown + self._layer_bytes(self.capacity))
+        for tensors in (self.k, self.v):
+            for i, old in enumerate(tensors):  # a tensor at a time: never two caches at once
+                tensors[i] = self._zeros(capacity)
+                tensors[i].narrow(2, 0, self.length).copy_(old.narrow(2, 0, self.length))
+                del old
+        self.capacity = capacity
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[2]

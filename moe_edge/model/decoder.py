@@ -51,6 +51,7 @@ class MoEForCausalLM(nn.Module):
         self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.kv_dtype: torch.dtype | None = None  # the KV cache's; None: the activations' (see api._finish)
+        self.kv_room = None  # offloaded: the KV caches' memory, taken from the expert cache (offload.cache.KVRoom)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -71,7 +72,7 @@ class MoEForCausalLM(nn.Module):
 
     def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
         capacity = capacity or self.config.max_position_embeddings
-        return KVCache(self.config, batch, capacity, self.kv_dtype or self.dtype, self.device)
+        return KVCache(self.config, batch, capacity, self.kv_dtype or self.dtype, self.device, room=self.kv_room)
 
     def _rotary(self, start: int, T: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, Hd] for positions start..start+T, from a table built once (per

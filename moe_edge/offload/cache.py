@@ -13,6 +13,7 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from ..memory import release_pages
 from ..model.layers import MLP
 from ..model.moe import ExpertInput
 from ..quant.experts import apply_together
@@ -206,10 +208,7 @@ class ExpertCache:
 
     def _load_into(self, layer: int, lc: LayerCache, i: int, expert: int, prefetch: bool) -> Slot:
         slot = lc.slots[i]
-        if slot.expert is not None:
-            lc.stats.prefetch_wasted += slot.prefetched
-            del lc.where[slot.expert]
-            lc.policy.forget(slot.expert)
+        self._evict(lc, slot)
         if slot.module is not None and self.layouts[(layer, expert)] != slot.layout:
             slot.module = None  # same layout: the module's views already show the new bytes
         slot.expert, slot.prefetched, slot.layout = expert, prefetch, self.layouts[(layer, expert)]
@@ -222,6 +221,38 @@ class ExpertCache:
         else:
             lc.stats.misses += 1
         return slot
+
+    @staticmethod
+    def _evict(lc: LayerCache, slot: Slot) -> None:
+        if slot.expert is not None:
+            lc.stats.prefetch_wasted += slot.prefetched
+            del lc.where[slot.expert]
+            lc.policy.forget(slot.expert)
+            slot.expert, slot.prefetched = None, False
+
+    def give_up_slots(self) -> int:
+        """One slot fewer in every layer, for the KV cache (KVRoom): the policy's victim (a
+        free slot first) is evicted and the slot's pages go back to the OS. Between forward
+        passes only. The bytes freed (0 where the memory cannot be returned: GPU slots)."""
+        if self.device.type != "cpu":
+            return 0
+        for lc in self.layers.values():
+            for slot in lc.slots:  # loads in flight land first: their slots become evictable
+                if slot.handle is not None:
+                    Loader.wait_host(slot.handle)
+                    slot.handle = None
+            i = self._victim(lc)
+            if i is None:
+                raise RuntimeError("no slot can be given up: every slot is pinned by a forward pass")
+            slot = lc.slots[i]
+            self._evict(lc, slot)
+            lc.slots[i] = lc.slots[-1]  # the last slot takes the freed index
+            lc.slots.pop()
+            if lc.slots[i:] and lc.slots[i].expert is not None:
+                lc.where[lc.slots[i].expert] = i
+            release_pages(slot.buf)
+        self.slots_per_layer -= 1
+        return self.store.stride * len(self.layers)
 
     def _ready(self, lc: LayerCache, slot: Slot, layer: int) -> MLP:
         if slot.handle is not None:
@@ -300,11 +331,8 @@ class ExpertCache:
         slots are free again (what they held was evicted when they were issued)."""
         for slot in lc.slots:
             if slot.prefetched and self._cancel(slot):
-                del lc.where[slot.expert]
-                lc.policy.forget(slot.expert)
                 lc.stats.bytes_moved -= self.store.stride  # never read
-                lc.stats.prefetch_wasted += 1
-                slot.expert, slot.prefetched = None, False
+                self._evict(lc, slot)
 
     @staticmethod
     def _land_one_prefetch(lc: LayerCache) -> None:
@@ -344,6 +372,27 @@ class ExpertCache:
 
     def close(self) -> None:
         self.loader.close()
+
+
+class KVRoom:
+    """The memory KV caches may use: `held` bytes planned for them at load. A KV cache about to
+    grow past it takes a slot of every layer from the expert cache, then another, down to
+    `floor` slots; a slot given up is not taken back. So a short chat keeps the experts the
+    memory allows, and a long one still fits in the plan's memory."""
+
+    def __init__(self, cache: ExpertCache, held: int, floor: int):
+        self.cache, self.held, self.floor = cache, held, floor
+        self.kvs: weakref.WeakSet = weakref.WeakSet()  # the live KV caches
+
+    def make_room(self, kv, nbytes: int) -> None:
+        """Before `kv` allocates `nbytes` more (its current tensors still alive)."""
+        self.kvs.add(kv)
+        need = sum(c.nbytes() for c in self.kvs) + nbytes
+        while need > self.held and self.cache.slots_per_layer > self.floor:
+            freed = self.cache.give_up_slots()
+            if not freed:
+                return
+            self.held += freed
 
 
 class LayerExperts:

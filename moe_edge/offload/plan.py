@@ -46,6 +46,16 @@ class OffloadPlan:
     slots_per_layer: int
     margin_bytes: int
     available_bytes: int | None  # what "auto" saw as free
+    kv_start_bytes: int | None = None  # "auto" on a CPU: the KV cache planned at load; beyond it
+    # the expert cache gives slots up as the context grows (None: all of kv_cache_bytes planned)
+
+    @property
+    def slots_at_full_context(self) -> int:
+        """Slots per layer left once the KV cache holds the whole context."""
+        if self.kv_start_bytes is None:
+            return self.slots_per_layer
+        row = self.expert_bytes * self.moe_layers
+        return self.slots_per_layer - -(-(self.kv_cache_bytes - self.kv_start_bytes) // row)
 
     @property
     def cache_bytes(self) -> int:
@@ -61,15 +71,19 @@ class OffloadPlan:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "cache_bytes": self.cache_bytes, "store_bytes": self.store_bytes,
-                "resident_fraction": self.resident_fraction}
+                "resident_fraction": self.resident_fraction, "slots_at_full_context": self.slots_at_full_context}
 
     def describe(self) -> str:
         mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
-        return (f"device {self.device}: dense part {mib(self.resident_bytes)}, KV cache "
-                f"{mib(self.kv_cache_bytes)}, expert cache {self.slots_per_layer}/"
-                f"{self.experts_per_layer} experts x {self.moe_layers} layers = {mib(self.cache_bytes)} "
-                f"({self.resident_fraction:.0%}); every expert stored in {self.slow_tier} "
-                f"({mib(self.store_bytes)})")
+        kv = f"KV cache {mib(self.kv_cache_bytes)}"
+        if self.kv_start_bytes is not None:
+            kv = (f"KV cache {mib(self.kv_start_bytes)} at first, up to {mib(self.kv_cache_bytes)} "
+                  f"taken from the expert cache as the context grows (down to "
+                  f"{self.slots_at_full_context} slots per layer)")
+        return (f"device {self.device}: dense part {mib(self.resident_bytes)}, {kv}, expert cache "
+                f"{self.slots_per_layer}/{self.experts_per_layer} experts x {self.moe_layers} layers = "
+                f"{mib(self.cache_bytes)} ({self.resident_fraction:.0%}); every expert stored in "
+                f"{self.slow_tier} ({mib(self.store_bytes)})")
 
 
 def available_memory(device: torch.device, cgroup_root: Path = CGROUP_ROOT,
@@ -166,6 +180,11 @@ def _stat(path: Path, key: str) -> int:
 # allocator slack; ~25 MiB on the 16B-sized demo under a 1.3 GiB cgroup), and under a
 # container's limit every MiB held back is a MiB of experts read again from disk.
 MARGIN_MIN = 256 * 2**20
+# The KV cache "auto" plans at load on a CPU: a first reply's worth. Beyond it the expert cache
+# gives up slots as the context grows (ExpertCache.give_up_slots); planning all of a 4,096-token
+# context up front would hold back DeepSeek-MoE-16B's 0.88 GiB of experts for a cache that a
+# short chat never fills.
+KV_START_TOKENS = 512
 
 
 def kv_cache_bytes(config, context: int, dtype: torch.dtype) -> int:
@@ -174,13 +193,21 @@ def kv_cache_bytes(config, context: int, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * dtype.itemsize
 
 
+def kv_start_bytes(config, context: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    """The KV cache "auto" plans at load: KV_START_TOKENS on a CPU, where a slot given up returns
+    its pages to the OS; None elsewhere (GPU slots are one allocation: all of `context` planned)."""
+    return kv_cache_bytes(config, min(context, KV_START_TOKENS), dtype) if device.type == "cpu" else None
+
+
 def slots_for(expert_cache, *, device: torch.device, resident: int, kv: int, expert_bytes: int,
-              moe_layers: int, experts: int, top_k: int,
-              available: int | None = None) -> tuple[int, int, int | None]:
+              moe_layers: int, experts: int, top_k: int, available: int | None = None,
+              kv_start: int | None = None) -> tuple[int, int, int | None]:
     """(slots per layer, margin bytes, available bytes) for an `expert_cache` setting.
 
     "auto" budgets `available` (free memory measured before anything was loaded; measured
-    now when None) minus the dense part, the KV cache and a margin.
+    now when None) minus the dense part, the KV cache and a margin. With `kv_start` (less
+    than `kv`), the KV cache of that size is planned and the slots it grows into later are
+    lent to the experts until then; top-k slots must still be left at `kv`.
     """
     margin, seen = 0, None
     if isinstance(expert_cache, int):
@@ -195,12 +222,31 @@ def slots_for(expert_cache, *, device: torch.device, resident: int, kv: int, exp
         else:
             budget = parse_size(expert_cache)
         slots = min(experts, max(0, budget) // (expert_bytes * moe_layers))
+        if slots >= top_k and expert_cache == "auto" and kv_start is not None and kv_start < kv:
+            slots = min(experts, max(0, budget + kv - kv_start) // (expert_bytes * moe_layers))
     if slots < top_k:
         need = top_k * expert_bytes * moe_layers
         raise ConfigError(f"expert cache too small: {slots} slots per layer, but top-k is {top_k}; "
                           f"the minimum is {need / 2**20:,.1f} MiB ({top_k} experts x {moe_layers} "
                           "layers)" + (f"; {seen / 2**20:,.1f} MiB is free" if seen else ""))
     return min(slots, experts), margin, seen
+
+
+def make_plan(expert_cache, *, device: torch.device, slow_tier: str, resident: int, kv: int,
+              kv_start: int | None, expert_bytes: int, moe_layers: int, experts: int, top_k: int,
+              available: int | None = None) -> OffloadPlan:
+    """The plan for an `expert_cache` setting (see slots_for). What "auto" holds free beyond the
+    slots, up to `kv`, is the KV cache's at load (`kv_start_bytes`); None where that is all of
+    `kv` (nothing to take from the experts later)."""
+    slots, margin, seen = slots_for(expert_cache, device=device, resident=resident, kv=kv,
+                                    expert_bytes=expert_bytes, moe_layers=moe_layers, experts=experts,
+                                    top_k=top_k, available=available, kv_start=kv_start)
+    held = None
+    if seen is not None and kv_start is not None:
+        held = max(kv_start, seen - resident - margin - slots * expert_bytes * moe_layers)
+        held = held if held < kv else None
+    return OffloadPlan(str(device), slow_tier, resident, kv, expert_bytes, moe_layers, experts, top_k,
+                       slots, margin, seen, held)
 
 
 def _percent(text: str) -> float:
