@@ -17,7 +17,9 @@ disk (written under build/memlimit/ once). Engines:
 - resident: `load(path, device="cpu")`, fully resident and never limited: the bar.
 - naive: moe-edge's dense part and disk store, no expert cache (bench/offload_baselines.py).
 - accelerate: transformers + accelerate disk offload, bf16, `max_memory` the limit less the
-  allowance.
+  allowance. A `deepseek` checkpoint (no transformers class) runs as its Qwen2-MoE form
+  (bench/as_qwen2moe.py: the same function, GPTQ dequantized to bf16), written under --work
+  once, before the runs and outside any limit, and reused while the source is unchanged.
 - llama.cpp:FORMAT[:no-repack] (FORMAT Q4_0 or Q4_K_M): llama-cpp-python (`pip install
   .[llamacpp]`: an sdist, a C++ build), mmap on, in bench/_llama_worker.py (no torch in its
   process). Q4_0 is bench/_gguf.py's re-rounding of the same weights; Q4_K_M, the format users
@@ -55,6 +57,7 @@ from pathlib import Path
 import torch
 from _cgroup import run_limited  # bench/ is on sys.path when a script runs
 from _machine import commit, emit, machine
+from as_qwen2moe import converted
 from offload_baselines import (Accelerate, MoeEdge, bench_parser, measure, parse_or_work, random_prompt,
                                rotated, worker_cmd)
 
@@ -67,10 +70,12 @@ UNLIMITED = {"resident"}  # the bar runs with every weight in RAM
 
 
 # --- the worker (one engine, one run, inside its memory group) -------------------------------
-def open_engine(name: str, model: Path, budget: int | None, work: Path, tmp: Path, options: dict):
+def open_engine(name: str, model: Path, budget: int | None, work: Path, tmp: Path, options: dict,
+                hf_model: Path | None = None):
     """moe-edge keeps its default store ($MOE_EDGE_CACHE or ~/.cache/moe-edge), naive one in
-    `work` (both built by the first run, reused); accelerate offloads to `tmp`. `options`:
-    load_offloaded keywords for the moe-edge engine (--moe-edge-options; default none)."""
+    `work` (both built by the first run, reused); accelerate loads `hf_model` (default `model`)
+    and offloads to `tmp`. `options`: load_offloaded keywords for the moe-edge engine
+    (--moe-edge-options; default none)."""
     from moe_edge.api import load, load_offloaded
     if name == "moe-edge":
         return MoeEdge(load_offloaded(model, device="cpu", **options))
@@ -81,8 +86,9 @@ def open_engine(name: str, model: Path, budget: int | None, work: Path, tmp: Pat
         return MoeEdge(load(model, device="cpu"))
     if name == "naive":
         return MoeEdge.open(model, 0.0, work / "store", cached=False)
-    cfg = json.loads((model / "config.json").read_text())
-    return Accelerate(model, budget or 2**50, tmp, False, cfg, "bfloat16")
+    hf_model = hf_model or model
+    cfg = json.loads((hf_model / "config.json").read_text())
+    return Accelerate(hf_model, budget or 2**50, tmp, False, cfg, "bfloat16")
 
 
 def worker(args) -> dict:
@@ -91,7 +97,7 @@ def worker(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="memlimit-", dir=args.work) as tmp:
         t0 = time.perf_counter()
         engine = open_engine(args.worker, args.model, args.budget or None, args.work, Path(tmp),
-                             args.moe_edge_options)
+                             args.moe_edge_options, args.hf_model)
         load_s = time.perf_counter() - t0
         print(f"loaded in {load_s:.1f} s; decoding", file=sys.stderr, flush=True)  # how far an OOM-killed run got
         r = measure(engine, prompt_ids(args, vocab), args.new_tokens, random_prompt(vocab, 16, seed=1))
@@ -106,6 +112,16 @@ def prompt_ids(args, vocab: int) -> list[int]:
     from moe_edge.evaluate import heldout_ids
     from moe_edge.tokenizer import load_tokenizer
     return heldout_ids(load_tokenizer(args.model), max_tokens=args.prompt_tokens).tolist()
+
+
+def accelerate_checkpoint(args) -> Path:
+    """What the accelerate engine loads: the model, or a deepseek model's Qwen2-MoE form."""
+    if json.loads((args.model / "config.json").read_text())["model_type"] != "deepseek":
+        return args.model
+    dst = args.work / f"{args.model.resolve().name}-qwen2moe-bf16"
+    print(f"[{time.strftime('%H:%M:%S')}] accelerate: {args.model} as Qwen2-MoE in {dst} ...",
+          file=sys.stderr, flush=True)
+    return converted(args.model, dst)
 
 
 # --- limits ----------------------------------------------------------------------------------
@@ -155,7 +171,8 @@ def run_engine(args, engine: str, limit: int | None) -> dict:
     budget = limit - args.allowance if limit else 0
     cmd = llama_cmd(args, engine) if engine in LLAMA else worker_cmd(
         __file__, args, engine, "--budget", str(budget), "--text", args.text,
-        "--moe-edge-options", json.dumps(args.moe_edge_options))
+        "--moe-edge-options", json.dumps(args.moe_edge_options),
+        *(["--hf-model", str(args.hf_model)] if engine == "accelerate" else []))
     print(f"[{time.strftime('%H:%M:%S')}] {engine}, limit {f'{limit / 2**30:.2f} GiB' if limit else 'none'} ...",
           file=sys.stderr, flush=True)
     r = {"engine": engine, "limit_bytes": limit, **run_limited(cmd, limit, "memlimit", args.run_timeout)}
@@ -219,6 +236,7 @@ def summarise(runs: list[dict], args, info) -> dict:
     keep = ("checkpoint_bytes", "dense_bytes", "expert_bytes", "moe_layers", "experts_per_layer", "top_k")
     return {"model": str(args.model), "shape": args.shape, "model_info": {k: getattr(info, k) for k in keep},
             "allowance_bytes": args.allowance, "moe_edge_options": args.moe_edge_options,
+            "accelerate_checkpoint": args.hf_model and str(args.hf_model),
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "threads": args.threads, "unlimited": sorted(UNLIMITED & set(args.engines)),
             "order": "engines rotated each repeat, one subprocess and memory cgroup per run, caches dropped first",
@@ -232,6 +250,7 @@ def main() -> None:
     ap.add_argument("--limit", default="dense+50%", help="bytes, a size, none, or dense+P%%; comma-separated")
     ap.add_argument("--allowance", default="768MiB", help="runtime memory a dense+P%% limit adds")
     ap.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--hf-model", type=Path, default=None, help=argparse.SUPPRESS)  # the accelerate engine's
     ap.add_argument("--run-timeout", type=float, default=600, help="seconds before a run is killed (and says so)")
     ap.add_argument("--text", choices=["random", "heldout"], default="random",
                     help="prompt: random ids, or the demo's held-out text (trained models)")
@@ -245,6 +264,7 @@ def main() -> None:
     args.limits = [(t, *parse_limit(t, info, args.allowance)) for t in args.limit.split(",")]
     args.skipped = llama_skipped(args)
     args.engines = [e for e in args.engines if e not in args.skipped]
+    args.hf_model = accelerate_checkpoint(args) if "accelerate" in args.engines else None
     runs = [{"limit_text": text, **run_engine(args, engine, limit)}
             for text, limit, _ in args.limits for engine in rotated(args.engines, args.repeats)]
     emit(summarise(runs, args, info), args.out)

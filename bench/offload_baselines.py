@@ -112,7 +112,7 @@ class MoeEdge:
             return {"dtype": str(self.model.dtype).removeprefix("torch.")}
         plan = self.lm.offload.plan.to_dict()
         keep = ("resident_bytes", "kv_cache_bytes", "expert_bytes", "slots_per_layer", "cache_bytes", "store_bytes",
-                "resident_fraction", "available_bytes") if self.cached else ("resident_bytes", "expert_bytes", "store_bytes")
+                "resident_fraction", "available_bytes", "kv_start_bytes", "slots_at_full_context") if self.cached else ("resident_bytes", "expert_bytes", "store_bytes")
         return {"plan": {k: plan[k] for k in keep}, "dtype": str(self.model.dtype).removeprefix("torch.")}
 
     def reset(self) -> None:

@@ -5,7 +5,7 @@ at ~10 GB/s on these 2-core machines, which read ~21 GB/s: it issues no prefetch
 the hardware's stop at every 4 KiB page. This kernel takes the same packed bytes and
 scales (no second copy, no new format), turns two input rows into bf16 pairs with one byte
 permute and multiplies them with AVX512-BF16 dot products while prefetching 64 KiB ahead,
-1.3-1.5x PyTorch's kernel on the same streamed weights (bench/kernels.py, docs/performance.md).
+1.3-1.5x PyTorch's kernel on the same streamed weights (bench/kernel_speed.py, docs/performance.md).
 One call runs a layer's experts (`int4_mm_cat`: one parallel region instead of one per
 matrix), or whole MLPs, gate+up to down (`mlps`: the ATen ops between them from C++).
 

@@ -1,6 +1,6 @@
 """4-bit vs fp32 vs bf16 matmul time on DeepSeek-MoE expert shapes. Prints one JSON object.
 
-    python bench/kernels.py [--threads 2] [--device cpu|cuda]
+    python bench/kernel_speed.py [--threads 2] [--device cpu|cuda]
 
 "results": one weight over and over (it stays in the caches). "streaming" (CPU): decode as
 it happens, one row through ~1 GiB of distinct expert weights (more than the caches hold),
