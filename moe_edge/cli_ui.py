@@ -182,11 +182,14 @@ def cache_text(lm) -> str:
     if lm.offload is None:
         return "all experts resident (no offloading)"
     t = lm.offload_stats().total
-    lines = [plan_line(lm.offload.plan),
-             f"since start: {t.hits} hits, {t.misses} misses ({t.hit_rate:.1%} hit rate), "
-             f"{size(t.bytes_moved)} paged in, {t.stall_seconds:.2f} s stalled",
-             f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} "
-             f"wasted; precision {t.prefetch_precision:.2f}, recall {t.prefetch_recall:.2f}"]
+    lines = [plan_line(lm.offload.plan)]
+    now, planned = lm.offload.cache.slots_per_layer, lm.offload.plan.slots_per_layer
+    if now != planned:
+        lines.append(f"now {now} slots per layer: {planned - now} given to the growing KV cache")
+    lines += [f"since start: {t.hits} hits, {t.misses} misses ({t.hit_rate:.1%} hit rate), "
+              f"{size(t.bytes_moved)} paged in, {t.stall_seconds:.2f} s stalled",
+              f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} "
+              f"wasted; precision {t.prefetch_precision:.2f}, recall {t.prefetch_recall:.2f}"]
     return "\n".join(lines)
 
 

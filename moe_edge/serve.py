@@ -161,7 +161,7 @@ def offload_metrics(lm) -> dict | None:
     return {"hit_rate": t.hit_rate, "hits": t.hits, "misses": t.misses, "bytes_paged": t.bytes_moved,
             "stall_seconds": t.stall_seconds, "prefetch_issued": t.prefetch_issued,
             "prefetch_used": t.prefetch_used, "prefetch_wasted": t.prefetch_wasted,
-            "slots_per_layer": lm.offload.plan.slots_per_layer}
+            "slots_per_layer": lm.offload.cache.slots_per_layer}  # fewer than planned once the KV cache took some
 
 
 # --- HTTP ------------------------------------------------------------------------------------

@@ -609,6 +609,10 @@ def test_kv_cache_growth_takes_slots_and_decode_stays_resident(tmp_path, monkeyp
         assert 3 <= cache.slots_per_layer < 8 and kv <= room.held
         assert room.held == plan.kv_start_bytes + (8 - cache.slots_per_layer) * row
         assert all(len(lc.slots) == cache.slots_per_layer for lc in cache.layers.values())
+        from moe_edge import cli_ui
+        from moe_edge.serve import offload_metrics
+        assert offload_metrics(lm)["slots_per_layer"] == cache.slots_per_layer  # what is, not what was planned
+        assert f"now {cache.slots_per_layer} slots per layer" in cli_ui.cache_text(lm)
         long = prompt + prompt[:200]  # the cache grows to the model's 1024 positions
         got = list(generate_ids(lm.model, long, params))
         assert got == list(generate_ids(ref.model, long, params))
