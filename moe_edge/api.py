@@ -67,7 +67,8 @@ def exact_when_named(dtype, bf16_weights: bool | None, lm_head: str) -> tuple[bo
 
 def load_model(path: str | Path, device: str | torch.device = "auto",
                dtype: str | torch.dtype | None = None, kernel: str = "auto",
-               bf16_weights: bool | None = None, lm_head: str = "auto") -> MoEForCausalLM:
+               bf16_weights: bool | None = None, lm_head: str = "auto",
+               store_experts: bool = True) -> MoEForCausalLM:
     """The model alone (no tokenizer), every weight resident on `device`.
 
     GPTQ checkpoints get 4-bit layers; `kernel` is "auto" (int4 where the shape allows,
@@ -81,6 +82,9 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     with native bf16 for heads of 16M+ weights not tied to the embeddings
     (`quant.int8.head_in_int8`). Naming a `dtype` makes it every weight's (bf16_weights
     False and lm_head "stored" unless given; see exact_when_named).
+    `store_experts`: a GPTQ checkpoint's routed experts on the CPU are read from the
+    converted expert store that offloading keeps (offload/build.py; written by the first
+    load, in $MOE_EDGE_CACHE or ~/.cache/moe-edge) instead of converted at every load.
     """
     bf16_weights, lm_head = exact_when_named(dtype, bf16_weights, lm_head)
     config = load_config(path)
@@ -91,9 +95,24 @@ def load_model(path: str | Path, device: str | torch.device = "auto",
     with torch.device("meta"):
         model = MoEForCausalLM(config)
     quant = read_quant_config(path)
-    consumed = install_quantized(model, weights, quant, device, dtype, kernel) if quant else set()
     keep16 = keeps_bf16(device, dtype, bf16_weights)
+    experts = None
+    if store_experts and quant is not None and device.type == "cpu" and config.moe_layer_ids:
+        from .offload.build import resident_experts
+        experts = resident_experts(weights, config, quant, device, dtype, kernel, keep16)
+    skip = (lambda p: bool(EXPERT.match(p))) if experts else (lambda p: False)
+    consumed = install_quantized(model, weights, quant, device, dtype, kernel, skip=skip) if quant else set()
+    held = {}  # layer -> its ResidentExperts, out of the model while load_weights fills the rest
+    if experts:
+        consumed |= {n for n in weights.sources if EXPERT.match(n)}
+        for layer, block in model.moe_blocks().items():
+            held[layer], block.experts = block.experts, None
     load_weights(model, weights, consumed, device=device, dtype=dtype, keep16=keep16)
+    for layer, block in model.moe_blocks().items():
+        if layer in held:
+            block.experts = held[layer]
+            for e in range(config.num_experts):
+                block.experts[e] = experts[(layer, e)]
     _finish(model, quant, dtype, keep16, lm_head, device)
     trim_heap()
     if kernel == "auto" and model.quant_kernels.get("dequant"):

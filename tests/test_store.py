@@ -240,3 +240,34 @@ def test_a_file_truncated_off_the_block_grid_is_a_short_read_not_a_fallback(tmp_
         store.read_into(4, slot)
     assert store.direct  # the device did not refuse direct reads: the file ended
     store.close()
+
+
+# --- resident loads read the store too --------------------------------------------------------
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_resident_load_reads_its_experts_from_the_store_bitwise(tmp_path, monkeypatch, caplog, act_order):
+    """The first resident load of a GPTQ checkpoint writes the store, later ones read it and
+    convert no expert; logits are the same bits as converting in place; where no store can
+    be written the experts are converted in memory, with a notice."""
+    from moe_edge.api import load_model
+    src = write_checkpoint(tmp_path / "fp", "deepseek", hidden_size=128, moe_intermediate_size=64)
+    q = write_gptq_checkpoint(src, tmp_path / "q", group_size=64, act_order=act_order)
+    monkeypatch.setenv("MOE_EDGE_CACHE", str(tmp_path / "cache"))
+    ids = torch.tensor([[3, 9, 27, 81, 243, 7, 21, 63]])
+    with torch.no_grad():
+        converted = load_model(q, device="cpu", store_experts=False)(ids)
+        first = load_model(q, device="cpu")  # converts each expert once and writes the store
+        assert torch.equal(first(ids), converted)
+        assert len(list((tmp_path / "cache").glob("*/experts.bin"))) == 1
+        monkeypatch.setattr(build, "expert_module", lambda *a, **k: pytest.fail("converted an expert again"))
+        again = load_model(q, device="cpu")
+        assert torch.equal(again(ids), converted)
+        experts = again.model.layers[1].mlp.experts
+        assert type(experts).__name__ == "QuantResidentExperts"  # the resident decode path, as before
+        monkeypatch.undo()
+        blocked = tmp_path / "not-a-folder"
+        blocked.write_text("")
+        monkeypatch.setenv("MOE_EDGE_CACHE", str(blocked))
+        with caplog.at_level(logging.WARNING, logger="moe_edge.offload.build"):
+            fallback = load_model(q, device="cpu")
+        assert torch.equal(fallback(ids), converted)
+        assert "converting the experts in memory instead" in caplog.text

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ from ..model.weights import WeightMap, load_weights
 from ..quant.format import QuantConfig
 from ..quant.load import read_gptq
 from ..quant.qlinear import QuantLinear, use_quant_mlps
-from .store import PAGE, PROJECTIONS, DiskStore, Entry, ExpertLayout, RamStore, pack_expert
+from .store import (PAGE, PROJECTIONS, DiskStore, Entry, ExpertLayout, RamStore, expert_from_buffer, pack_expert,
+                    slot_buffers)
 
 STORE_VERSION = 4  # bump when the on-disk expert layout changes (2: bf16 "dense16"; 3: fused gate_up;
 #                   4: a CRC-32 per expert record)
@@ -84,6 +86,30 @@ def build_store(weights: WeightMap, config: ModelConfig, quant: QuantConfig | No
     with _locked(folder):
         cached = _open_cached(folder)
         return (*(cached or convert(folder)), index_of)
+
+
+def resident_experts(weights: WeightMap, config: ModelConfig, quant: QuantConfig | None,
+                     device: torch.device, dtype: torch.dtype, kernel: str, keep16: bool = False,
+                     offload_dir: str | Path | None = None) -> dict[tuple[int, int], MLP] | None:
+    """Every routed expert in its kernel layout, read into memory from the disk store: the
+    first load of a checkpoint converts and writes it, later ones only read it (a resident
+    load then converts the dense part alone). Views into one allocation; the same modules
+    and bits as converting in place (`expert_module`). None where no store can be written
+    (a full disk, a read-only cache): the caller converts in memory, as without a store."""
+    try:
+        store, layouts, index_of = build_store(weights, config, quant, device, dtype, kernel, "disk",
+                                               offload_dir, keep16)
+    except StoreError as e:
+        log.warning("%s; converting the experts in memory instead", e)
+        return None
+    try:
+        bufs = slot_buffers(store.stride, store.count, device)
+        with ThreadPoolExecutor(4) as pool:  # reads in flight; each record's checksum off the GIL
+            list(pool.map(lambda i: store.read_into(i, bufs[i]), range(store.count)))
+    finally:
+        store.close()
+    return {key: expert_from_buffer(layout, bufs[index_of(*key)], config.hidden_size, config.moe_intermediate_size)
+            for key, layout in layouts.items()}
 
 
 @contextlib.contextmanager
