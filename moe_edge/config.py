@@ -107,11 +107,12 @@ def read_json_object(file: Path, what: str, error: type = ConfigError) -> dict:
     """A JSON object from `file`, or a one-line `error` naming the file when it is not UTF-8
     JSON, is not an object, or repeats a key (json.loads would silently keep the last)."""
     def no_repeats(pairs):
-        keys = [k for k, _ in pairs]
-        repeated = next((k for k in keys if keys.count(k) > 1), None)
-        if repeated is not None:
+        d = dict(pairs)
+        if len(d) < len(pairs):  # linear: a sharded index lists ~100k tensors
+            seen = set()
+            repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
             raise error(f"{file}: key {repeated!r} appears twice; {what} must name each key once")
-        return dict(pairs)
+        return d
     try:
         raw = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=no_repeats)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
