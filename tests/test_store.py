@@ -271,3 +271,17 @@ def test_a_resident_load_reads_its_experts_from_the_store_bitwise(tmp_path, monk
             fallback = load_model(q, device="cpu")
         assert torch.equal(fallback(ids), converted)
         assert "converting the experts in memory instead" in caplog.text
+        monkeypatch.setenv("MOE_EDGE_CACHE", str(tmp_path / "cache"))
+        (folder,) = [p.parent for p in (tmp_path / "cache").glob("*/experts.bin")]
+        with open(folder / "experts.bin", "r+b") as f:  # a flipped byte in the last record
+            f.seek(-100, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-100, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moe_edge.offload.build"):
+            damaged = load_model(q, device="cpu")
+        assert torch.equal(damaged(ids), converted) and "fails its checksum" in caplog.text
+        assert not (folder / "layouts.json").exists()  # marked stale
+        assert torch.equal(load_model(q, device="cpu")(ids), converted)
+        assert (folder / "layouts.json").exists()  # rebuilt by the next load

@@ -95,7 +95,8 @@ def resident_experts(weights: WeightMap, config: ModelConfig, quant: QuantConfig
     first load of a checkpoint converts and writes it, later ones only read it (a resident
     load then converts the dense part alone). Views into one allocation; the same modules
     and bits as converting in place (`expert_module`). None where no store can be written
-    (a full disk, a read-only cache): the caller converts in memory, as without a store."""
+    (a full disk, a read-only cache) or a record fails its checksum (the store is marked
+    stale and rebuilt by the next load): the caller converts in memory, as without a store."""
     try:
         store, layouts, index_of = build_store(weights, config, quant, device, dtype, kernel, "disk",
                                                offload_dir, keep16)
@@ -106,6 +107,9 @@ def resident_experts(weights: WeightMap, config: ModelConfig, quant: QuantConfig
         bufs = slot_buffers(store.stride, store.count, device)
         with ThreadPoolExecutor(4) as pool:  # reads in flight; each record's checksum off the GIL
             list(pool.map(lambda i: store.read_into(i, bufs[i]), range(store.count)))
+    except StoreError as e:  # a record that fails its checksum: marked stale, rebuilt next load
+        log.warning("%s; converting the experts in memory instead", e)
+        return None
     finally:
         store.close()
     return {key: expert_from_buffer(layout, bufs[index_of(*key)], config.hidden_size, config.moe_intermediate_size)
