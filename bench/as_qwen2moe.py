@@ -38,13 +38,15 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from moe_edge.checkpoint import CheckpointReader, ShardedWriter, stat_signature
 from moe_edge.config import ModelConfig, load_config
-from moe_edge.quant.format import GPTQTensors, QuantConfig, dequantize, read_quant_config
+from moe_edge.model.weights import WeightMap
+from moe_edge.quant.format import QuantConfig, dequantize, read_quant_config
+from moe_edge.quant.load import PARTS, read_gptq
 
 FORMAT_VERSION = 1
-GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 SIDE_FILES = ("tokenizer", "special_tokens", "generation_config", "chat_template")
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -53,19 +55,21 @@ class Weights:
     """The source's Linear and norm weights by module prefix, dequantized where GPTQ; records
     what was read, so that a tensor the mapping has no place for is refused, not dropped."""
 
-    def __init__(self, reader: CheckpointReader, quant: QuantConfig | None):
+    def __init__(self, reader: CheckpointReader, quant: QuantConfig | None, config: ModelConfig):
         self.reader, self.quant, self.used = reader, quant, set()
+        self.map = WeightMap(reader, config)  # what the loader reads GPTQ layers through
 
     def __call__(self, prefix: str) -> torch.Tensor:
         if f"{prefix}.qweight" not in self.reader:
             return self._get(f"{prefix}.weight")
         if self.quant is None:
             raise ValueError(f"{self.reader.folder}: {prefix}.qweight but no quantization_config")
-        parts = {p: self._get(f"{prefix}.{p}") for p in GPTQ_PARTS if f"{prefix}.{p}" in self.reader}
-        if "g_idx" not in parts:  # some writers omit it without act-order
-            K = parts["qweight"].shape[0] * 8
-            parts["g_idx"] = torch.arange(K) // (K if self.quant.group_size == -1 else self.quant.group_size)
-        return dequantize(GPTQTensors(**parts), self.quant.v2)
+        packed_k, n = self.reader.shape(f"{prefix}.qweight")  # [K/8, N]
+        with torch.device("meta"):
+            shape = nn.Linear(packed_k * 8, n, bias=False)
+        tensors = read_gptq(self.map, prefix, self.quant, shape)  # checked, g_idx filled in where omitted
+        self.used.update(f"{prefix}.{p}" for p in PARTS if f"{prefix}.{p}" in self.reader)
+        return dequantize(tensors, self.quant.v2)
 
     def _get(self, name: str) -> torch.Tensor:
         self.used.add(name)
@@ -150,7 +154,7 @@ def convert(src: Path, dst: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     c = load_config(src)
     check_convertible(c)
     reader = CheckpointReader(src)
-    w = Weights(reader, read_quant_config(src))
+    w = Weights(reader, read_quant_config(src), c)
     with ShardedWriter(dst, max_shard_bytes=2**30, overwrite=True) as out:
         out.add("model.embed_tokens.weight", w("model.embed_tokens").to(dtype))
         for layer in range(c.num_layers):
