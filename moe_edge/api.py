@@ -27,6 +27,7 @@ from .offload.policy import DEFAULT as DEFAULT_POLICY
 from .quant.format import read_quant_config
 from .quant.load import install_quantized, kernel_summary
 from .quant.int8 import check_lm_head, head_in_int8, int8_lm_head
+from .quant.decode_steps import use_native_steps
 from .quant.experts import use_quant_experts
 from .quant.qlinear import fuse_qkv, use_quant_mlps
 from .quant import native
@@ -138,6 +139,7 @@ def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
             and model.config.sliding_window is None and native.available()):  # the kernel takes no mask
         for layer in model.model.layers:
             layer.self_attn.decode_kernel = native.decode_attention
+    use_native_steps(model)
     c = model.config
     int8 = head_in_int8(lm_head, device, c.vocab_size * c.hidden_size, c.tie_word_embeddings)
     model.lm_head_int8 = int8 and int8_lm_head(model)

@@ -150,8 +150,8 @@ def gptq_layer(w: torch.Tensor, group_size: int = 128, sym: bool = True, act_ord
 
 def write_gptq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 128, sym: bool = True,
                           act_order: bool = False, v2: bool = False, dtype=torch.float16) -> Path:
-    """A GPTQ copy of checkpoint `src` (round-to-nearest): every Linear but routers and
-    lm_head quantised, standard tensor names and quantization_config."""
+    """A GPTQ copy of checkpoint `src` (round-to-nearest): every Linear but routers, Qwen2-MoE's
+    shared expert gate and lm_head quantised, standard tensor names and quantization_config."""
     import json
     from .api import load_model
     from .checkpoint import ShardedWriter
@@ -163,7 +163,7 @@ def write_gptq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 12
             "sym": sym, "checkpoint_format": "gptq_v2" if v2 else "gptq", "true_sequential": True,
             "damp_percent": 0.01, "static_groups": False, "lm_head": False}
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and n != "lm_head" and not n.endswith("mlp.gate")}
+               and n != "lm_head" and not n.endswith(("mlp.gate", "shared_expert_gate"))}
     with ShardedWriter(dst, overwrite=True) as w:
         for i, (name, p) in enumerate(expected_tensors(model).items()):
             prefix = name.rsplit(".", 1)[0]

@@ -253,3 +253,56 @@ def test_a_gptq_checkpoint_with_fp16_unquantized_weights_plans_and_keeps_a_bf16_
         cache = model.new_cache(1, 64)
         planned = model_info(path, "cpu", expert_cache="100%", context=64).plan.kv_cache_bytes
         assert planned == sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v))
+
+
+# Tiny checkpoints whose every projection fits the native kernels (widths multiples of 64,
+# expert width a multiple of 64), one per family: shared experts (DeepSeek), a gated shared
+# expert and q/k/v biases (Qwen2-MoE), per-head q/k norms, GQA and renormalised top-k
+# (Qwen3-MoE), whole-projection q/k norms (OLMoE), softmax over the top-k (Mixtral).
+NATIVE_FAMILIES = {
+    "deepseek": dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64),
+    "qwen2_moe": dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=128),
+    "qwen3_moe": dict(hidden_size=128, moe_intermediate_size=64),
+    "olmoe": dict(hidden_size=128, intermediate_size=64),
+    "mixtral": dict(hidden_size=128, intermediate_size=64),
+}
+
+
+@pytest.mark.parametrize("family", sorted(NATIVE_FAMILIES))
+def test_native_decode_steps_are_bitwise_the_modules(tmp_path, family):
+    """Every layer of a GPTQ checkpoint that fits gets both native decode steps at load, and
+    a decode through them gives the modules' logits bit for bit, step after step."""
+    from moe_edge.testing import write_checkpoint, write_gptq_checkpoint
+    src = write_checkpoint(tmp_path / "fp", family, **NATIVE_FAMILIES[family])
+    assert_native_steps_are_the_modules(load(write_gptq_checkpoint(src, tmp_path / "q", group_size=32)).model)
+
+
+def test_native_decode_steps_are_bitwise_the_modules_with_act_order(tmp_path):
+    """`moe-edge quantize` with act-order (group 32 of 128 inputs): the steps permute each
+    projection's input as the modules do (q, k and v share one permutation, gate and up one)."""
+    from moe_edge.quant.quantizer import QuantizeOptions, quantize
+    from moe_edge.testing import write_checkpoint
+    src = write_checkpoint(tmp_path / "fp", "deepseek", **NATIVE_FAMILIES["deepseek"])
+    out = quantize(src, tmp_path / "q", QuantizeOptions(group_size=32, calib_samples=8, calib_seq_len=64,
+                                                      min_expert_tokens=8)).out
+    model = load(out).model
+    assert model.model.layers[1].self_attn.qkv.perm is not None
+    assert_native_steps_are_the_modules(model)
+
+
+def assert_native_steps_are_the_modules(model) -> None:
+    steps = [layer.native_steps for layer in model.model.layers]
+    assert all(s is not None and s.attention is not None and s.mlp is not None for s in steps)
+    ids = torch.randint(2, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+
+    def decode(native_steps):
+        for layer, s in zip(model.model.layers, native_steps):
+            layer.native_steps = s
+        cache = model.new_cache(1, 64)
+        with torch.inference_mode():
+            model(ids[:, :8], cache)
+            return torch.cat([model(ids[:, i:i + 1], cache) for i in range(8, 40)], 1)
+    with_steps = decode(steps)
+    assert torch.equal(with_steps, decode([None] * len(steps)))
+    assert with_steps.abs().max() > 0  # a real decode, not a vacuous match

@@ -24,6 +24,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "int4_decode.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -138,6 +140,10 @@ void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64
               "int4_mm: scale_zeros must be contiguous bf16 [K/g, N, 2]");
 }
 
+}  // namespace
+
+namespace moe_edge {
+
 // torch.cat([xs[e] @ W_e^T for e]) along rows, [sum of rows, N]; one x is shared by all.
 at::Tensor int4_mm_cat(at::TensorList xs, at::TensorList ws, at::TensorList szs, int64_t g) {
   const size_t E = ws.size();
@@ -249,6 +255,10 @@ at::Tensor mlps(const at::Tensor& x, at::TensorList gate_up, at::TensorList gate
 }
 
 
+}  // namespace moe_edge
+
+namespace {
+
 // One decode step of attention over a bf16 KV cache: out[h] = softmax(q[h] K^T scale) V, one
 // query row per head, keys and values of head h / (H/K) (GQA), fp32 accumulation. Reads the
 // cache once at its 16-bit width; PyTorch's CPU SDPA on bf16 inputs runs 2-4x slower than on
@@ -279,6 +289,10 @@ void attend_head(const float* q, const uint16_t* k, const uint16_t* v, int64_t S
   }
 }
 
+}  // namespace
+
+namespace moe_edge {
+
 // q fp32 [1, H, 1, D]; k, v bf16 [1, K, S, D] (views into a longer cache: any head and
 // position strides, unit stride along D); D a multiple of 16. -> fp32 [1, H, 1, D].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
@@ -305,7 +319,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-}  // namespace
+}  // namespace moe_edge
 
 TORCH_LIBRARY(moe_edge, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor scale_zeros, int group) -> Tensor");
@@ -316,8 +330,8 @@ TORCH_LIBRARY(moe_edge, m) {
 }
 
 TORCH_LIBRARY_IMPL(moe_edge, CPU, m) {
-  m.impl("int4_mm", &int4_mm);
-  m.impl("int4_mm_cat", &int4_mm_cat);
-  m.impl("mlps", &mlps);
-  m.impl("decode_attention", &decode_attention);
+  m.impl("int4_mm", &moe_edge::int4_mm);
+  m.impl("int4_mm_cat", &moe_edge::int4_mm_cat);
+  m.impl("mlps", &moe_edge::mlps);
+  m.impl("decode_attention", &moe_edge::decode_attention);
 }

@@ -20,8 +20,14 @@ class DecoderLayer(nn.Module):
                     else MLP(config.hidden_size, config.intermediate_size))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # one decode row through each block in one native call, bit for bit these modules'
+        # result; set at load where the weights fit (quant/decode_steps.py)
+        self.native_steps = None
 
     def forward(self, x, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
+        steps = self.native_steps
+        if steps is not None and x.shape[0] == 1 and x.shape[1] == 1:
+            return steps(self, x, cos, sin, cache, start)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 

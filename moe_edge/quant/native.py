@@ -33,7 +33,8 @@ import torch
 
 ENV = "MOE_EDGE_NATIVE"  # "0": PyTorch's kernel only (to compare, or to rule this one out)
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16"}
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "int4_decode.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = [CSRC / "int4_decode.cpp", CSRC / "decode_step.cpp"]  # and int4_decode.h, which both include
 LIBRARY = "moe_edge_int4"
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def _folder() -> Path:
 def _built(folder: Path) -> bool:
     """Whether `folder` holds a library newer than the source (loading it then compiles nothing)."""
     library = folder / f"{LIBRARY}.so"
-    return library.exists() and library.stat().st_mtime >= SOURCE.stat().st_mtime
+    newest = max(p.stat().st_mtime for p in [*SOURCES, CSRC / "int4_decode.h"])
+    return library.exists() and library.stat().st_mtime >= newest
 
 
 def _build() -> None:
@@ -107,11 +109,12 @@ def _build() -> None:
             # every later build then waits on forever: while we hold ours, any is stale
             fcntl.flock(held, fcntl.LOCK_EX)
             (folder / "lock").unlink(missing_ok=True)
-            load(LIBRARY, [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
-                 is_python_module=False, verbose=False)
+            module = load(LIBRARY, [str(s) for s in SOURCES], extra_cflags=flags,
+                          build_directory=str(folder), is_python_module=True, verbose=False)
     finally:
         os.environ["PATH"] = path
-    global _MM, _CAT, _MLPS, _ATTEND
+    global _MM, _CAT, _MLPS, _ATTEND, _STEPS
+    _STEPS = module
     ops = torch.ops.moe_edge
     _MM, _CAT, _MLPS = ops.int4_mm.default, ops.int4_mm_cat.default, ops.mlps.default
     _ATTEND = ops.decode_attention.default
@@ -181,5 +184,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return _ATTEND(q, k, v, scale)
 
 
-_MM = _CAT = _MLPS = _ATTEND = None  # the ops, once built (see _build)
+def steps():
+    """The module of the native decode steps (csrc/decode_step.cpp, quant/decode_steps.py),
+    once `available()` has said yes."""
+    return _STEPS
+
+
+_MM = _CAT = _MLPS = _ATTEND = _STEPS = None  # the ops and the decode steps' module, once built (see _build)
 _BUILDING = threading.Lock()  # lru_cache does not hold a second thread back on a first call

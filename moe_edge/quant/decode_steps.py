@@ -1,0 +1,133 @@
+"""A decoder layer's blocks for one decode row, each in one native call (csrc/decode_step.cpp).
+
+A small model's decode step is bound by Python, not by its weights: the demo's 128-wide
+layers run each ATen op in a microsecond or two, and the ~60 module calls, views and casts
+around them per layer cost more than the ops. `use_native_steps` gives every layer whose
+weights all fit the native kernels a `NativeSteps`: its attention block (norm, fused q/k/v,
+rotary, KV cache write, attention, o_proj, residual) and its MLP block (norm, router,
+top-k, shared and routed int4 experts, residual) run as the same ATen ops and kernels from
+C++, bit for bit the modules' result (tests/test_native.py). Anything else (a prompt, an
+offloading provider, a cache that is not bf16, a layer that does not fit) takes the modules.
+"""
+# D=hidden, E=experts, A=active experts (top-k)
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.attention import KVCache
+from ..model.decoder import DecoderLayer
+from ..model.layers import RMSNorm
+from ..model.moe import MoEBlock
+from . import native
+from .experts import QuantResidentExperts
+from .qlinear import QuantLinear, QuantMLP, runs_together
+
+
+class NativeSteps:
+    """What DecoderLayer.forward calls for one row (batch 1, one token): the native
+    attention step where the cache allows it, the native MLP step while the MoE block still
+    has the resident experts it was built from; the layer's modules otherwise."""
+
+    def __init__(self, layer: int, attention, mlp, experts):
+        self.layer, self.attention, self.mlp, self.experts = layer, attention, mlp, experts
+
+    def __call__(self, block: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: KVCache | None, start: int) -> torch.Tensor:
+        # a first token attends at full precision (Attention.forward), a full cache raises there
+        if self.attention is not None and cache is not None and 0 < start < cache.capacity \
+                and cache.dtype == torch.bfloat16:
+            x = self.attention(x, cos, sin, cache.k[self.layer], cache.v[self.layer], start)
+        else:
+            x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, start)
+        if self.mlp is not None and (self.experts is None or block.mlp.experts is self.experts):
+            return self.mlp(x)
+        return x + block.mlp(block.post_attention_layernorm(x))
+
+
+def use_native_steps(model: nn.Module) -> int:
+    """Give each decoder layer of `model` (fp32 activations, a bf16 KV cache) the native steps
+    its weights allow. -> the number of blocks that got one."""
+    if not native.available() or model.dtype != torch.float32 or model.kv_dtype != torch.bfloat16:
+        return 0
+    count = 0
+    for i, layer in enumerate(model.model.layers):
+        attention, mlp = attention_step(layer), mlp_step(layer, model.config.top_k)
+        experts = layer.mlp.experts if isinstance(layer.mlp, MoEBlock) else None
+        layer.native_steps = NativeSteps(i, attention, mlp, experts) if attention or mlp else None
+        count += (attention is not None) + (mlp is not None)
+    return count
+
+
+def attention_step(layer: DecoderLayer):
+    """The native AttentionStep for `layer`, or None where its attention does not fit it."""
+    attn = layer.self_attn
+    qkv, o = attn._modules.get("qkv"), attn._modules.get("o_proj")
+    if (attn.decode_kernel is None or attn.clip is not None or attn.window is not None
+            or not _fits(qkv) or not _fits(o) or not _fp32_norm(layer.input_layernorm)):
+        return None
+    norms = [None, None]
+    if attn.qk_norm is not None:
+        if not (_fp32_norm(attn.q_norm) and _fp32_norm(attn.k_norm) and attn.q_norm.eps == attn.k_norm.eps):
+            return None
+        norms = [attn.q_norm.weight.detach(), attn.k_norm.weight.detach()]
+    eps = attn.q_norm.eps if attn.qk_norm is not None else 0.0
+    return native.steps().AttentionStep(
+        layer.input_layernorm.weight.detach(), layer.input_layernorm.eps, _linear(qkv), _linear(o),
+        *norms, attn.qk_norm == "head", eps, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+        attn.head_dim ** -0.5)
+
+
+def mlp_step(layer: DecoderLayer, top_k: int):
+    """The native MlpStep for `layer`'s dense MLP or MoE block with resident int4 experts, or
+    None where it does not fit: the experts must run together as run_experts runs them."""
+    norm, mlp = layer.post_attention_layernorm, layer.mlp
+    if not _fp32_norm(norm):
+        return None
+    steps, weight, eps = native.steps(), norm.weight.detach(), norm.eps
+    if not isinstance(mlp, MoEBlock):
+        return steps.MlpStep(weight, eps, None, 0, False, _mlp(mlp), None, []) if _fits_mlp(mlp) else None
+    experts = mlp.experts
+    if type(experts) is not QuantResidentExperts or mlp.gate.weight.dtype != torch.float32:
+        return None
+    routed = list(experts)
+    if not all(_fits_mlp(e) and runs_together(e, top_k) for e in routed) or not _same_shapes(routed):
+        return None
+    shared, gate = mlp.shared_experts, mlp.shared_expert_gate
+    if shared is not None and not _fits_mlp(shared):
+        return None
+    if gate is not None and not (type(gate) is nn.Linear and gate.bias is None
+                                 and gate.weight.dtype == torch.float32):
+        return None
+    return steps.MlpStep(weight, eps, mlp.gate.weight.detach(), top_k, mlp.gate.renormalize,
+                         _mlp(shared) if shared is not None else None,
+                         gate.weight.detach() if gate is not None else None, [_mlp(e) for e in routed])
+
+
+def _fits(layer) -> bool:
+    return isinstance(layer, QuantLinear) and native.usable(layer)
+
+
+def _fits_mlp(mlp) -> bool:
+    return type(mlp) is QuantMLP and mlp.kernel_dtype == torch.bfloat16 and native.mlps_usable(mlp)
+
+
+def _fp32_norm(norm) -> bool:
+    """RMSNorm.forward takes the one-op fp32 path (the activations are fp32 here)."""
+    return type(norm) is RMSNorm and norm.weight.dtype == torch.float32
+
+
+def _same_shapes(mlps: list) -> bool:
+    """One group size and one shape per projection: what one mlps call takes."""
+    return all(len({(m._modules[n].group, m._modules[n].in_features, m._modules[n].out_features)
+                    for m in mlps}) == 1 for n in ("gate_up", "down_proj"))
+
+
+def _linear(layer: QuantLinear):
+    b = layer._buffers
+    return native.steps().Int4Linear(b["packed"], b["scale_zeros"], b["perm"], b["bias"], layer.group)
+
+
+def _mlp(mlp: QuantMLP):
+    return native.steps().Int4Mlp(_linear(mlp._modules["gate_up"]), _linear(mlp._modules["down_proj"]))
