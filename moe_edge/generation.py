@@ -70,12 +70,13 @@ def read_generation_config(folder: str | Path, eos_token_ids: Sequence[int] = ()
     )
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
+def sample(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] | torch.Tensor,
            generator: torch.Generator | None) -> int:
-    """One token from logits [V]: repetition penalty, temperature, top-k, top-p, min-p
-    (the order transformers applies them)."""
+    """One token from logits [V]: repetition penalty (over the ids in `history`), temperature,
+    top-k, top-p, min-p (the order transformers applies them)."""
     logits = logits.float()
-    if params.repetition_penalty != 1.0 and history.numel():
+    if params.repetition_penalty != 1.0 and len(history):
+        history = torch.as_tensor(history, dtype=torch.long)
         seen = logits[history]
         logits[history] = torch.where(seen > 0, seen / params.repetition_penalty,
                                       seen * params.repetition_penalty)
@@ -201,7 +202,7 @@ def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams,
                          "shorten it or raise the context size")
     budget = min(params.max_new_tokens, context - len(prompt_ids))
     generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-    history = torch.tensor(list(prompt_ids), dtype=torch.long)
+    history = list(prompt_ids)  # a tensor only where a repetition penalty needs one
     timings = timings if timings is not None else {}
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -216,7 +217,7 @@ def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams,
             timings["prompt_seconds" if step == 0 else "decode_seconds"] = time.perf_counter() - t0
             if step == 0:
                 t0 = time.perf_counter()
-            history = torch.cat([history, torch.tensor([token])])
+            history.append(token)
             yield token
             if token in params.eos_token_ids:
                 return

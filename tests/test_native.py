@@ -306,3 +306,25 @@ def assert_native_steps_are_the_modules(model) -> None:
     with_steps = decode(steps)
     assert torch.equal(with_steps, decode([None] * len(steps)))
     assert with_steps.abs().max() > 0  # a real decode, not a vacuous match
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
+def test_a_hook_on_a_norm_takes_the_modules_path():
+    """A forward pre-hook on a norm the native steps would skip (the prefetcher hooks them)
+    still fires at every decode step; removed, the steps run again."""
+    model = load(DEMO).model
+    layer = model.model.layers[1]
+    calls = []
+    handles = [layer.input_layernorm.register_forward_pre_hook(lambda m, a: calls.append("attention")),
+               layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: calls.append("mlp"))]
+    cache = model.new_cache(1, 16)
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]), cache)
+        calls.clear()
+        model(torch.tensor([[8]]), cache)
+        assert calls == ["attention", "mlp"]
+        for h in handles:
+            h.remove()
+        calls.clear()
+        model(torch.tensor([[9]]), cache)
+    assert calls == []

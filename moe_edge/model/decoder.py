@@ -102,8 +102,13 @@ class MoEForCausalLM(nn.Module):
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rotary(start, T, x)
+        row = T == 1 and input_ids.shape[0] == 1
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start)
+            steps = layer.native_steps if row else None
+            if steps is not None and steps.direct:  # no hook on the layer: skip nn.Module's call
+                x = steps(layer, x, cos, sin, cache, start)
+            else:
+                x = layer(x, cos, sin, cache, start)
         if cache is not None:
             cache.length = start + T
         if last_only:

@@ -19,7 +19,7 @@ from torch import nn
 from ..model.attention import KVCache
 from ..model.decoder import DecoderLayer
 from ..model.layers import RMSNorm
-from ..model.moe import MoEBlock
+from ..model.moe import MoEBlock, ResidentExperts
 from . import native
 from .experts import QuantResidentExperts
 from .qlinear import QuantLinear, QuantMLP, runs_together
@@ -28,22 +28,48 @@ from .qlinear import QuantLinear, QuantMLP, runs_together
 class NativeSteps:
     """What DecoderLayer.forward calls for one row (batch 1, one token): the native
     attention step where the cache allows it, the native MLP step while the MoE block still
-    has the resident experts it was built from; the layer's modules otherwise."""
+    has the resident experts it was built from; the layer's modules otherwise, and whenever
+    a hook is registered on a module a step would skip (the prefetcher hooks the norms)."""
 
-    def __init__(self, layer: int, attention, mlp, experts):
-        self.layer, self.attention, self.mlp, self.experts = layer, attention, mlp, experts
+    def __init__(self, block: DecoderLayer, layer: int, attention, mlp):
+        self.layer, self.attention, self.mlp = layer, attention, mlp
+        self.experts = block.mlp.experts if isinstance(block.mlp, MoEBlock) else None
+        self.attention_hooks = _hook_dicts(block.input_layernorm, block.self_attn)
+        self.mlp_hooks = _hook_dicts(block.post_attention_layernorm, block.mlp)
+        self._layer_hooks = (block._forward_pre_hooks, block._forward_hooks, *self.attention_hooks[:2])
+
+    @property
+    def direct(self) -> bool:
+        """Whether the decoder may call this without the layer's nn.Module call: no hook on it."""
+        return not any(self._layer_hooks)
 
     def __call__(self, block: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  cache: KVCache | None, start: int) -> torch.Tensor:
         # a first token attends at full precision (Attention.forward), a full cache raises there
         if self.attention is not None and cache is not None and 0 < start < cache.capacity \
-                and cache.dtype == torch.bfloat16:
+                and cache.dtype == torch.bfloat16 and not any(self.attention_hooks):
             x = self.attention(x, cos, sin, cache.k[self.layer], cache.v[self.layer], start)
         else:
             x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, start)
-        if self.mlp is not None and (self.experts is None or block.mlp.experts is self.experts):
+        mlp = block._modules["mlp"]
+        if self.mlp is not None and (self.experts is None or mlp.experts is self.experts) \
+                and not any(self.mlp_hooks):
             return self.mlp(x)
-        return x + block.mlp(block.post_attention_layernorm(x))
+        return x + mlp(block.post_attention_layernorm(x))
+
+
+def _hook_dicts(*modules: nn.Module) -> tuple[dict, ...]:
+    """The forward (pre-)hook registries of `modules` and their submodules, and the global
+    ones: a hook registered later lands in one of these dicts. Routed experts are left out
+    (192 modules on the demo, checked per token): a hook on one expert is not seen."""
+    from torch.nn.modules import module as nn_module
+    dicts, stack = [nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks], list(modules)
+    while stack:
+        m = stack.pop()
+        dicts += [m._forward_pre_hooks, m._forward_hooks]
+        if not isinstance(m, ResidentExperts):
+            stack.extend(m.children())
+    return tuple(dicts)
 
 
 def use_native_steps(model: nn.Module) -> int:
@@ -54,8 +80,7 @@ def use_native_steps(model: nn.Module) -> int:
     count = 0
     for i, layer in enumerate(model.model.layers):
         attention, mlp = attention_step(layer), mlp_step(layer, model.config.top_k)
-        experts = layer.mlp.experts if isinstance(layer.mlp, MoEBlock) else None
-        layer.native_steps = NativeSteps(i, attention, mlp, experts) if attention or mlp else None
+        layer.native_steps = NativeSteps(layer, i, attention, mlp) if attention or mlp else None
         count += (attention is not None) + (mlp is not None)
     return count
 
