@@ -310,7 +310,7 @@ def assert_native_steps_are_the_modules(model) -> None:
 
 @pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
 def test_a_hook_on_a_norm_takes_the_modules_path():
-    """A forward pre-hook on a norm the native steps would skip (the prefetcher hooks them)
+    """A forward pre-hook on a norm the native steps would skip
     still fires at every decode step; removed, the steps run again."""
     model = load(DEMO).model
     layer = model.model.layers[1]
@@ -328,3 +328,22 @@ def test_a_hook_on_a_norm_takes_the_modules_path():
         calls.clear()
         model(torch.tensor([[9]]), cache)
     assert calls == []
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
+def test_offloaded_decode_takes_the_native_attention_and_still_prefetches(tmp_path):
+    """Offloaded, every layer keeps its native attention step (the MoE blocks ask the
+    offloading provider), the prefetcher's taps still fire at every decode step, and greedy
+    tokens equal the resident model's."""
+    from moe_edge.api import load_offloaded
+    off = load_offloaded(DEMO, expert_cache="50%", prefetch="always", slow_tier="ram")
+    steps = [layer.native_steps for layer in off.model.model.layers]
+    assert all(s is not None and s.attention is not None for s in steps)
+    assert [s.mlp is not None for s in steps] == [not m for m in off.config.moe_layers]  # only the dense MLP
+    prompt = heldout_ids(off.tokenizer, max_tokens=24).tolist()
+    greedy = dict(temperature=0, max_new_tokens=24, eos_token_ids=())
+    reference = load(DEMO).generate(prompt, **greedy).token_ids
+    off.generate(prompt[:4], max_new_tokens=1)  # warm: the prompt's own prefetches out of the way
+    off.reset_offload_stats()
+    assert off.generate(prompt, **greedy).token_ids == reference
+    assert off.offload_stats().total.predicted >= 24 * off.config.top_k  # guesses at every decode step

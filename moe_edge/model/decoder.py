@@ -23,12 +23,20 @@ class DecoderLayer(nn.Module):
         # one decode row through each block in one native call, bit for bit these modules'
         # result; set at load where the weights fit (quant/decode_steps.py)
         self.native_steps = None
+        # callables tap(x) on the residual stream [B, T, D] before each block, on every path
+        # (the offload prefetcher guesses the next experts from them)
+        self.before_attention: list = []
+        self.before_mlp: list = []
 
     def forward(self, x, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
         steps = self.native_steps
         if steps is not None and x.shape[0] == 1 and x.shape[1] == 1:
             return steps(self, x, cos, sin, cache, start)
+        for tap in self.before_attention:
+            tap(x)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        for tap in self.before_mlp:
+            tap(x)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

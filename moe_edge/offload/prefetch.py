@@ -124,39 +124,41 @@ class Prefetcher:
         moe_ids = sorted(model.moe_blocks())
         self.model, self.cache, self.depth, self.governor = model, cache, depth, governor
         self.width = min(width or model.config.top_k, cache.slots_per_layer)
-        self.hooks = []
+        self.taps: list[tuple[list, object]] = []  # (a layer's tap list, our tap in it)
         if governor is not None:  # a step starts at the first layer's input, before any guess
-            self.hooks.append(model.model.layers[0].input_layernorm.register_forward_pre_hook(self._step))
+            self._tap(model.model.layers[0].before_attention, self._step)
         for l, layer in enumerate(model.model.layers):
             ahead = [m for m in moe_ids if m > l][:depth]
             if ahead:
-                self.hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(self._hook(ahead)))
+                self._tap(layer.before_mlp, self._guess(ahead))
             if refine and l in moe_ids:
-                self.hooks.append(layer.input_layernorm.register_forward_pre_hook(self._hook([l], now=True)))
+                self._tap(layer.before_attention, self._guess([l], now=True))
 
-    def _step(self, module, args) -> None:
-        if args[0].shape[:-1].numel() == 1:
+    def _tap(self, taps: list, tap) -> None:
+        taps.append(tap)
+        self.taps.append((taps, tap))
+
+    def _step(self, x: torch.Tensor) -> None:
+        if x.shape[:-1].numel() == 1:
             self.governor.step()
         else:
             self.governor.pause()
 
-    def _hook(self, layers: list[int], now: bool = False):
-        def hook(module, args):
-            h = args[0].reshape(-1, args[0].shape[-1])  # [T, D]
+    def _guess(self, layers: list[int], now: bool = False):
+        def tap(x: torch.Tensor) -> None:
+            h = x.reshape(-1, x.shape[-1])  # [T, D]
             if self.governor is not None and h.shape[0] == 1 and not self.governor.on:
                 return  # decode, and measured not to pay
             for layer in layers:
                 self.cache.schedule_prefetch(layer, self.predict(layer, h), now)
-        return hook
+        return tap
 
     @torch.no_grad()
     def predict(self, layer: int, h: torch.Tensor) -> list[int]:
         """The `width` experts layer `layer` would rank highest for residual `h` [T, D]
         (over several tokens: the most often ranked, most first)."""
         target = self.model.model.layers[layer]
-        # .forward, not __call__: calling the norm would fire the prefetch hook on it, which
-        # would predict the layer after from this residual, and so on down the model
-        probs = target.mlp.gate.probs(target.post_attention_layernorm.forward(h))  # [T, E]
+        probs = target.mlp.gate.probs(target.post_attention_layernorm(h))  # [T, E]
         ids = probs.topk(self.width, dim=-1).indices
         if ids.shape[0] == 1:  # decode: one token, already ordered
             return ids[0].tolist()
@@ -165,5 +167,6 @@ class Prefetcher:
         return [e for e, c in zip(order.tolist(), counts[order].tolist()) if c > 0]
 
     def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
+        for taps, tap in self.taps:
+            taps.remove(tap)
+        self.taps.clear()

@@ -29,7 +29,8 @@ class NativeSteps:
     """What DecoderLayer.forward calls for one row (batch 1, one token): the native
     attention step where the cache allows it, the native MLP step while the MoE block still
     has the resident experts it was built from; the layer's modules otherwise, and whenever
-    a hook is registered on a module a step would skip (the prefetcher hooks the norms)."""
+    a hook is registered on a module a step would skip. The layer's taps run as on the
+    modules' path."""
 
     def __init__(self, block: DecoderLayer, layer: int, attention, mlp):
         self.layer, self.attention, self.mlp = layer, attention, mlp
@@ -45,12 +46,16 @@ class NativeSteps:
 
     def __call__(self, block: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  cache: KVCache | None, start: int) -> torch.Tensor:
+        for tap in block.before_attention:
+            tap(x)
         # a first token attends at full precision (Attention.forward), a full cache raises there
         if self.attention is not None and cache is not None and 0 < start < cache.capacity \
                 and cache.dtype == torch.bfloat16 and not any(self.attention_hooks):
             x = self.attention(x, cos, sin, cache.k[self.layer], cache.v[self.layer], start)
         else:
             x = x + block.self_attn(block.input_layernorm(x), cos, sin, cache, start)
+        for tap in block.before_mlp:
+            tap(x)
         mlp = block._modules["mlp"]
         if self.mlp is not None and (self.experts is None or mlp.experts is self.experts) \
                 and not any(self.mlp_hooks):
