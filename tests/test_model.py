@@ -129,3 +129,18 @@ def test_a_named_dtype_is_every_weights_dtype(tmp_path, monkeypatch):
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
         assert torch.equal(named(ids), exact(ids))
+
+
+def test_a_transposed_fp32_weight_computes_the_same_linear():
+    """store_transposed keeps the values and the shape; only the memory order (and so the
+    order of the sums) changes: outputs within fp32 rounding, for one row and for many."""
+    from moe_edge.model.layers import store_transposed
+    torch.manual_seed(0)
+    head = torch.nn.Linear(128, 4096, bias=False)
+    before = head.weight.detach().clone()
+    x = torch.randn(3, 5, 128)
+    want = head(x)
+    assert store_transposed(head)
+    assert torch.equal(head.weight, before) and head.weight.shape == (4096, 128) and not head.weight.is_contiguous()
+    torch.testing.assert_close(head(x), want, rtol=1e-5, atol=1e-5)
+    assert not store_transposed(torch.nn.Linear(8, 8).bfloat16())  # fp32 only
