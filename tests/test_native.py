@@ -331,19 +331,27 @@ def test_a_hook_on_a_norm_takes_the_modules_path():
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
-def test_offloaded_decode_takes_the_native_attention_and_still_prefetches(tmp_path):
-    """Offloaded, every layer keeps its native attention step (the MoE blocks ask the
-    offloading provider), the prefetcher's taps still fire at every decode step, and greedy
-    tokens equal the resident model's."""
+def test_offloaded_decode_takes_the_native_steps_and_still_prefetches(tmp_path):
+    """Offloaded, every layer keeps its native steps (a MoE block's step runs its router,
+    shared experts and sum around the offloading provider's call), the prefetcher's taps
+    still fire at every decode step, and the logits are bitwise the resident model's."""
     from moe_edge.api import load_offloaded
     off = load_offloaded(DEMO, expert_cache="50%", prefetch="always", slow_tier="ram")
+    resident = load(DEMO)
     steps = [layer.native_steps for layer in off.model.model.layers]
-    assert all(s is not None and s.attention is not None for s in steps)
-    assert [s.mlp is not None for s in steps] == [not m for m in off.config.moe_layers]  # only the dense MLP
+    assert all(s is not None and s.attention is not None and s.mlp is not None for s in steps)
+    assert all(s.holds is None for s in steps)  # no step runs experts of its own here
     prompt = heldout_ids(off.tokenizer, max_tokens=24).tolist()
     greedy = dict(temperature=0, max_new_tokens=24, eos_token_ids=())
-    reference = load(DEMO).generate(prompt, **greedy).token_ids
     off.generate(prompt[:4], max_new_tokens=1)  # warm: the prompt's own prefetches out of the way
     off.reset_offload_stats()
-    assert off.generate(prompt, **greedy).token_ids == reference
+    assert off.generate(prompt, **greedy).token_ids == resident.generate(prompt, **greedy).token_ids
     assert off.offload_stats().total.predicted >= 24 * off.config.top_k  # guesses at every decode step
+    ids = heldout_ids(off.tokenizer, max_tokens=48)[None]
+
+    def decode(model):
+        cache = model.new_cache(1, 48)
+        with torch.inference_mode():
+            model(ids[:, :8], cache)
+            return torch.cat([model(ids[:, i:i + 1], cache) for i in range(8, 48)], 1)
+    assert torch.equal(decode(off.model), decode(resident.model))

@@ -118,41 +118,69 @@ class AttentionStep {
 // x + MLP(RMSNorm(x)) for x fp32 [1, 1, D]: a dense QuantMLP (no router), or a MoE block with
 // resident int4 experts: softmax router, top-k (renormalised or not), the k experts in one
 // mlps call in top-k order, their weighted sum, plus the shared experts (gated or not).
+// Built without experts, it serves a MoE block whose experts an offloading provider holds:
+// route, shared and combine are the parts before and after the provider's own call.
 class MlpStep {
  public:
   MlpStep(at::Tensor norm, double eps, std::optional<at::Tensor> router, int64_t top_k, bool renormalize,
           std::optional<Int4Mlp> shared, std::optional<at::Tensor> shared_gate, std::vector<Int4Mlp> experts)
       : norm_(std::move(norm)), eps_(eps), router_(std::move(router)), top_k_(top_k), renorm_(renormalize),
         shared_(std::move(shared)), shared_gate_(std::move(shared_gate)), experts_(std::move(experts)) {
-    TORCH_CHECK(router_ ? int64_t(experts_.size()) == router_->size(0) && top_k_ > 0 : shared_.has_value(),
-                "MlpStep: a router with one MLP per expert, or a dense MLP");
+    TORCH_CHECK(router_ ? top_k_ > 0 && (experts_.empty() || int64_t(experts_.size()) == router_->size(0))
+                        : shared_.has_value(),
+                "MlpStep: a router (with one MLP per expert, or none), or a dense MLP");
   }
 
   at::Tensor operator()(const at::Tensor& x) const {
-    TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) == 1 && x.scalar_type() == at::kFloat,
-                "MlpStep: x must be fp32 [1, 1, D]");
-    const at::Tensor flat = rms_norm(x, norm_, eps_).reshape({-1, x.size(-1)});  // [1, D]
-    const at::Tensor xb = flat.to(at::kBFloat16);  // ExpertInput: cast once for every expert
-    std::optional<at::Tensor> shared;
-    if (shared_) {
-      shared = run_mlps({&*shared_}, xb, at::kFloat).to(at::kFloat);
-      if (shared_gate_) shared = at::sigmoid(at::linear(flat, *shared_gate_)) * *shared;
+    if (!router_) {
+      const auto [flat, xb] = normed(x);
+      return x + shared(flat, xb)->view(x.sizes());
     }
-    if (!router_) return x + shared->view(x.sizes());
-    const at::Tensor probs = at::softmax(at::linear(flat, *router_), -1);  // [1, E]
-    auto [weights, ids] = at::topk(probs, top_k_, -1);  // [1, A]
-    if (renorm_) weights = weights / weights.sum({-1}, true);
+    TORCH_CHECK(!experts_.empty(), "MlpStep: built without experts (an offloading provider holds them)");
+    const auto [flat, xb, weights, ids] = route(x);
+    const std::optional<at::Tensor> s = shared(flat, xb);
     const at::Tensor picked = ids.contiguous();
     const int64_t* id = picked.data_ptr<int64_t>();
     std::vector<const Int4Mlp*> ms;
     for (int64_t a = 0; a < top_k_; ++a) ms.push_back(&experts_.at(id[a]));
-    const at::Tensor ys = run_mlps(ms, xb, at::kFloat).to(at::kFloat);  // [A, D]
-    at::Tensor out = (weights.view({-1, 1}) * ys).sum({0}, true);
+    return combine(x, weights, run_mlps(ms, xb, at::kFloat), s);
+  }
+
+  // (RMSNorm(x) as [1, D], it in bf16, top-k weights [1, A], expert ids [1, A]): MoEBlock's router.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& x) const {
+    TORCH_CHECK(router_.has_value(), "MlpStep: a dense MLP has no router");
+    const auto [flat, xb] = normed(x);
+    const at::Tensor probs = at::softmax(at::linear(flat, *router_), -1);  // [1, E]
+    auto [weights, ids] = at::topk(probs, top_k_, -1);  // [1, A]
+    if (renorm_) weights = weights / weights.sum({-1}, true);
+    return {flat, xb, weights, ids};
+  }
+
+  // The shared experts' output, fp32 [1, D] (times the sigmoid gate where there is one).
+  std::optional<at::Tensor> shared(const at::Tensor& flat, const at::Tensor& xb) const {
+    if (!shared_) return std::nullopt;
+    at::Tensor out = run_mlps({&*shared_}, xb, at::kFloat).to(at::kFloat);
+    if (shared_gate_) out = at::sigmoid(at::linear(flat, *shared_gate_)) * out;
+    return out;
+  }
+
+  // x + sum_a weights[a] ys[a] (+ shared): ys [A, D], the experts' outputs in top-k order.
+  at::Tensor combine(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& ys,
+                     const std::optional<at::Tensor>& shared) const {
+    at::Tensor out = (weights.view({-1, 1}) * ys.to(at::kFloat)).sum({0}, true);
     if (shared) out = out + *shared;
     return x + out.view(x.sizes());
   }
 
  private:
+  // RMSNorm(x) [1, D] and its bf16 copy (ExpertInput: cast once for every expert).
+  std::pair<at::Tensor, at::Tensor> normed(const at::Tensor& x) const {
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) == 1 && x.scalar_type() == at::kFloat,
+                "MlpStep: x must be fp32 [1, 1, D]");
+    const at::Tensor flat = rms_norm(x, norm_, eps_).reshape({-1, x.size(-1)});
+    return {flat, flat.to(at::kBFloat16)};
+  }
+
   at::Tensor norm_;
   double eps_;
   std::optional<at::Tensor> router_;
@@ -184,5 +212,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<MlpStep>(m, "MlpStep")
       .def(py::init<at::Tensor, double, std::optional<at::Tensor>, int64_t, bool, std::optional<Int4Mlp>,
                     std::optional<at::Tensor>, std::vector<Int4Mlp>>())
-      .def("__call__", &MlpStep::operator());
+      .def("__call__", &MlpStep::operator())
+      .def("route", &MlpStep::route)
+      .def("shared", &MlpStep::shared)
+      .def("combine", &MlpStep::combine);
 }

@@ -89,8 +89,8 @@ class ExpertInput:
     cast per layer instead of one in and one out per expert, bit for bit the same result.
     """
 
-    def __init__(self, x: torch.Tensor):
-        self.x, self.cast = x, {}
+    def __init__(self, x: torch.Tensor, cast: dict | None = None):
+        self.x, self.cast = x, cast if cast is not None else {}  # cast: {dtype: x in it}, made already
 
     def __call__(self, expert: Expert, rows: torch.Tensor | None = None) -> torch.Tensor:
         """expert(x[rows]), in x's dtype or in the expert's kernel dtype."""

@@ -19,7 +19,7 @@ from torch import nn
 from ..model.attention import KVCache
 from ..model.decoder import DecoderLayer
 from ..model.layers import RMSNorm
-from ..model.moe import MoEBlock, ResidentExperts
+from ..model.moe import ExpertInput, MoEBlock, ResidentExperts
 from . import native
 from .experts import QuantResidentExperts
 from .qlinear import QuantLinear, QuantMLP, runs_together
@@ -32,9 +32,10 @@ class NativeSteps:
     a hook is registered on a module a step would skip. The layer's taps run as on the
     modules' path."""
 
-    def __init__(self, block: DecoderLayer, layer: int, attention, mlp):
+    def __init__(self, block: DecoderLayer, layer: int, attention, mlp, holds_experts: bool = False):
         self.layer, self.attention, self.mlp = layer, attention, mlp
-        self.experts = block.mlp.experts if isinstance(block.mlp, MoEBlock) else None
+        self.moe = isinstance(block.mlp, MoEBlock)  # a MoE step's route, shared and combine serve any provider
+        self.holds = block.mlp.experts if holds_experts else None  # the provider whose experts it runs
         self.attention_hooks = _hook_dicts(block.input_layernorm, block.self_attn)
         self.mlp_hooks = _hook_dicts(block.post_attention_layernorm, block.mlp)
         self._layer_hooks = (block._forward_pre_hooks, block._forward_hooks, *self.attention_hooks[:2])
@@ -57,10 +58,22 @@ class NativeSteps:
         for tap in block.before_mlp:
             tap(x)
         mlp = block._modules["mlp"]
-        if self.mlp is not None and (self.experts is None or mlp.experts is self.experts) \
-                and not any(self.mlp_hooks):
-            return self.mlp(x)
+        if self.mlp is not None and not any(self.mlp_hooks):
+            if not self.moe:
+                return self.mlp(x)
+            experts = mlp.experts
+            if self.holds is not None and experts is self.holds:
+                return self.mlp(x)
+            return self._routed_elsewhere(experts, x)  # offloaded: MoEBlock.forward's ops around them
         return x + mlp(block.post_attention_layernorm(x))
+
+    def _routed_elsewhere(self, experts, x: torch.Tensor) -> torch.Tensor:
+        flat, xb, weights, ids = self.mlp.route(x)
+        picked = ids.tolist()[0]
+        experts.start(picked)  # their loads overlap the shared experts
+        shared = self.mlp.shared(flat, xb)
+        ys = experts.apply(ExpertInput(flat, {torch.bfloat16: xb}), picked)  # [A, D]
+        return self.mlp.combine(x, weights, ys, shared)
 
 
 def _hook_dicts(*modules: nn.Module) -> tuple[dict, ...]:
@@ -84,8 +97,8 @@ def use_native_steps(model: nn.Module) -> int:
         return 0
     count = 0
     for i, layer in enumerate(model.model.layers):
-        attention, mlp = attention_step(layer), mlp_step(layer, model.config.top_k)
-        layer.native_steps = NativeSteps(layer, i, attention, mlp) if attention or mlp else None
+        attention, (mlp, holds) = attention_step(layer), mlp_step(layer, model.config.top_k)
+        layer.native_steps = NativeSteps(layer, i, attention, mlp, holds) if attention or mlp else None
         count += (attention is not None) + (mlp is not None)
     return count
 
@@ -110,29 +123,31 @@ def attention_step(layer: DecoderLayer):
 
 
 def mlp_step(layer: DecoderLayer, top_k: int):
-    """The native MlpStep for `layer`'s dense MLP or MoE block with resident int4 experts, or
-    None where it does not fit: the experts must run together as run_experts runs them."""
+    """(the native MlpStep for `layer`'s dense MLP or MoE block, or None where it does not fit;
+    whether it holds the experts). Resident int4 experts that run together (as run_experts runs
+    them) go inside it; other experts stay with their provider, which NativeSteps calls
+    between the step's parts."""
     norm, mlp = layer.post_attention_layernorm, layer.mlp
     if not _fp32_norm(norm):
-        return None
+        return None, False
     steps, weight, eps = native.steps(), norm.weight.detach(), norm.eps
     if not isinstance(mlp, MoEBlock):
-        return steps.MlpStep(weight, eps, None, 0, False, _mlp(mlp), None, []) if _fits_mlp(mlp) else None
-    experts = mlp.experts
-    if type(experts) is not QuantResidentExperts or mlp.gate.weight.dtype != torch.float32:
-        return None
-    routed = list(experts)
+        return (steps.MlpStep(weight, eps, None, 0, False, _mlp(mlp), None, []) if _fits_mlp(mlp) else None), False
+    if mlp.gate.weight.dtype != torch.float32:
+        return None, False
+    experts = mlp.experts  # resident int4 experts run inside the step; others (offloaded) around it
+    routed = list(experts) if type(experts) is QuantResidentExperts else []
     if not all(_fits_mlp(e) and runs_together(e, top_k) for e in routed) or not _same_shapes(routed):
-        return None
+        routed = []
     shared, gate = mlp.shared_experts, mlp.shared_expert_gate
     if shared is not None and not _fits_mlp(shared):
-        return None
+        return None, False
     if gate is not None and not (type(gate) is nn.Linear and gate.bias is None
                                  and gate.weight.dtype == torch.float32):
-        return None
+        return None, False
     return steps.MlpStep(weight, eps, mlp.gate.weight.detach(), top_k, mlp.gate.renormalize,
                          _mlp(shared) if shared is not None else None,
-                         gate.weight.detach() if gate is not None else None, [_mlp(e) for e in routed])
+                         gate.weight.detach() if gate is not None else None, [_mlp(e) for e in routed]), bool(routed)
 
 
 def _fits(layer) -> bool:
