@@ -81,7 +81,7 @@ def test_the_kernel_build_is_announced_once_and_not_when_cached(gptq, tmp_path, 
     finally:
         native.available.cache_clear()
     first, again = runs
-    notice = "moe-edge: compiling the native int4 kernel (once, ~15 s)...\n"
+    notice = "moe-edge: compiling the native int4 kernel and decode steps (once, ~30 s)...\n"
     assert first.exit_code == again.exit_code == 0, first.output
     assert first.stderr == notice and again.stderr == ""
     assert first.stdout == again.stdout and (tmp_path / "moe_edge_int4.so").exists()

@@ -13,7 +13,8 @@ Results differ from PyTorch's kernel in the last bits (other summation order; bo
 ~2e-3 from exact, the bf16 rounding of their output). Every row is computed the same way
 whatever else is in the call, so batching experts stays bit for bit.
 
-Built with the C++ compiler on first use (~13 s, cached under ~/.cache/moe-edge/kernels;
+Built with the C++ compiler on first use, with the decode steps of csrc/decode_step.cpp
+(~30 s on 2 cores, cached under ~/.cache/moe-edge/kernels;
 the build is announced at INFO on this module's logger, which the CLI shows on stderr);
 without a compiler, on other CPUs, or with MOE_EDGE_NATIVE=0, PyTorch's kernel runs instead.
 """
@@ -94,7 +95,7 @@ def _build() -> None:
     folder = _folder()
     folder.mkdir(parents=True, exist_ok=True)
     if not _built(folder):  # said before the lock: waiting on another process's build is as long
-        log.info("compiling the native int4 kernel (once, ~15 s)...")
+        log.info("compiling the native int4 kernel and decode steps (once, ~30 s)...")
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512bf16"]
     if torch.backends.openmp.is_available():
         flags.append("-fopenmp")  # ATen's parallel_for is an OpenMP pragma in its header
