@@ -6,8 +6,10 @@ around them per layer cost more than the ops. `use_native_steps` gives every lay
 weights all fit the native kernels a `NativeSteps`: its attention block (norm, fused q/k/v,
 rotary, KV cache write, attention, o_proj, residual) and its MLP block (norm, router,
 top-k, shared and routed int4 experts, residual) run as the same ATen ops and kernels from
-C++, bit for bit the modules' result (tests/test_native.py). Anything else (a prompt, an
-offloading provider, a cache that is not bf16, a layer that does not fit) takes the modules.
+C++, bit for bit the modules' result (tests/test_native.py). A MoE block whose experts an
+offloading provider holds runs the MLP step's parts (route, shared, combine) around the
+provider's own call. Anything else (a prompt, a first token, a cache that is not bf16, a
+hooked module, a layer that does not fit) takes the modules.
 """
 # D=hidden, E=experts, A=active experts (top-k)
 
@@ -27,10 +29,10 @@ from .qlinear import QuantLinear, QuantMLP, runs_together
 
 class NativeSteps:
     """What DecoderLayer.forward calls for one row (batch 1, one token): the native
-    attention step where the cache allows it, the native MLP step while the MoE block still
-    has the resident experts it was built from; the layer's modules otherwise, and whenever
-    a hook is registered on a module a step would skip. The layer's taps run as on the
-    modules' path."""
+    attention step where the cache allows it; the native MLP step, whole while the MoE block
+    still has the resident experts it was built with, else in parts around its provider; the
+    layer's modules otherwise, and whenever a hook is registered on a module a step would
+    skip. The layer's taps run as on the modules' path."""
 
     def __init__(self, block: DecoderLayer, layer: int, attention, mlp, holds_experts: bool = False):
         self.layer, self.attention, self.mlp = layer, attention, mlp
