@@ -244,8 +244,8 @@ def load_offloaded(path: str | Path, device: str | torch.device = "auto", expert
     `expert_cache`: "auto" (free memory after the dense part, a KV cache of `context`
     tokens and a margin; on a CPU the KV cache of the first 512 tokens, the slots its growth
     will need lent to the experts and given back as the context grows), a size ("6GB",
-    "512MB"), a percentage of the experts ("50%"), or slots per layer (int). `slow_tier`: "auto" (pinned RAM for a GPU, disk for the CPU),
-    "ram" or "disk". `prefetch_depth` 0 turns prediction off; `prefetch_width` experts are
+    "512MB"), a percentage of the experts ("50%"), or slots per layer (int). `slow_tier`:
+    "auto" (pinned RAM for a GPU, disk for the CPU), "ram" or "disk". `prefetch_depth` 0 turns prediction off; `prefetch_width` experts are
     predicted per layer (default top-k; wider raises recall at the cost of bandwidth);
     `prefetch` "auto" lets decode prefetch only while it measures faster than not
     (offload.prefetch.PrefetchGovernor), "always" prefetches every step.

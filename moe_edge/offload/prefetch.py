@@ -158,7 +158,9 @@ class Prefetcher:
         """The `width` experts layer `layer` would rank highest for residual `h` [T, D]
         (over several tokens: the most often ranked, most first)."""
         target = self.model.model.layers[layer]
-        probs = target.mlp.gate.probs(target.post_attention_layernorm(h))  # [T, E]
+        # .forward, not __call__: no nn.Module dispatch per guess, and no hook anyone put on
+        # the norm fires for a guess the model did not run
+        probs = target.mlp.gate.probs(target.post_attention_layernorm.forward(h))  # [T, E]
         ids = probs.topk(self.width, dim=-1).indices
         if ids.shape[0] == 1:  # decode: one token, already ordered
             return ids[0].tolist()

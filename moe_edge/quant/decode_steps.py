@@ -40,7 +40,7 @@ class NativeSteps:
         self.holds = block.mlp.experts if holds_experts else None  # the provider whose experts it runs
         self.attention_hooks = _hook_dicts(block.input_layernorm, block.self_attn)
         self.mlp_hooks = _hook_dicts(block.post_attention_layernorm, block.mlp)
-        self._layer_hooks = (block._forward_pre_hooks, block._forward_hooks, *self.attention_hooks[:2])
+        self._layer_hooks = (block._forward_pre_hooks, block._forward_hooks, *_global_hook_dicts())
 
     @property
     def direct(self) -> bool:
@@ -82,14 +82,19 @@ def _hook_dicts(*modules: nn.Module) -> tuple[dict, ...]:
     """The forward (pre-)hook registries of `modules` and their submodules, and the global
     ones: a hook registered later lands in one of these dicts. Routed experts are left out
     (192 modules on the demo, checked per token): a hook on one expert is not seen."""
-    from torch.nn.modules import module as nn_module
-    dicts, stack = [nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks], list(modules)
+    dicts, stack = list(_global_hook_dicts()), list(modules)
     while stack:
         m = stack.pop()
         dicts += [m._forward_pre_hooks, m._forward_hooks]
         if not isinstance(m, ResidentExperts):
             stack.extend(m.children())
     return tuple(dicts)
+
+
+def _global_hook_dicts() -> tuple[dict, dict]:
+    """The registries of hooks every module's call runs (register_module_forward_*hook)."""
+    from torch.nn.modules import module as nn_module
+    return nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks
 
 
 def use_native_steps(model: nn.Module) -> int:

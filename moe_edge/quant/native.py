@@ -35,7 +35,8 @@ import torch
 ENV = "MOE_EDGE_NATIVE"  # "0": PyTorch's kernel only (to compare, or to rule this one out)
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16"}
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [CSRC / "int4_decode.cpp", CSRC / "decode_step.cpp"]  # and int4_decode.h, which both include
+SOURCES = [CSRC / "int4_decode.cpp", CSRC / "decode_step.cpp"]
+HEADERS = [CSRC / "int4_decode.h"]  # included by both sources: a change rebuilds too
 LIBRARY = "moe_edge_int4"
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _folder() -> Path:
 def _built(folder: Path) -> bool:
     """Whether `folder` holds a library newer than the source (loading it then compiles nothing)."""
     library = folder / f"{LIBRARY}.so"
-    newest = max(p.stat().st_mtime for p in [*SOURCES, CSRC / "int4_decode.h"])
+    newest = max(p.stat().st_mtime for p in [*SOURCES, *HEADERS])
     return library.exists() and library.stat().st_mtime >= newest
 
 
