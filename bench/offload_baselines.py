@@ -65,7 +65,7 @@ class UncachedExperts:
         self.store, self.layouts, self.index_of, self.layer = store, layouts, index_of, layer
         self.hidden, self.width, self.scratch, self.counter = hidden, width, scratch, counter
 
-    def experts_for(self, ids, hold: bool = False):
+    def experts_for(self, ids, hold: bool = False, routing=None):
         from moe_edge.offload.store import expert_from_buffer
         if hold:
             raise ValueError("one scratch buffer cannot hold experts")

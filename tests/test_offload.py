@@ -361,6 +361,28 @@ def test_held_experts_stay_pinned_until_the_iterator_closes():
         next(cache.experts_for(1, [0, 1, 2, 3], hold=True))
 
 
+def test_a_stream_leaves_resident_what_its_last_tokens_used():
+    """Prefill streams more experts than slots; with the tokens' routing the slots end holding
+    what the policy ranks highest after the tokens, so the next token hits; without it the
+    slots hold whatever streamed last."""
+    picks = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [0, 1], [0, 2], [1, 2]])  # [T, A]
+    ids = sorted(set(picks.flatten().tolist()))
+    for routing, resident in ((picks, [0, 1, 2, 6, 7]), (None, [3, 4, 5, 6, 7])):
+        cache, store = tiny_cache(slots=5, experts=8, threaded=True, reads=2)
+        assert run_with(cache, ids, routing) == ids  # every expert computed once
+        assert cache.resident(1) == resident and len(store.loads) == 8
+        if routing is not None:  # the policy saw the tokens in order: 1 and 2 last, 6 and 7 never
+            assert cache.layers[1].policy.order()[-3:] == [0, 1, 2]
+            cache.reset_stats()
+            run(cache, [1, 2])
+            assert cache.stats().layers[1].hits == 2
+        cache.close()
+
+
+def run_with(cache, ids, routing):
+    return sorted(e for e, _ in cache.experts_for(1, ids, routing=routing))
+
+
 def test_more_experts_than_slots_stream_through(ckpts):
     """Prefill touches every expert: with top-k slots they stream through the slots."""
     cache, store = tiny_cache(slots=2)
@@ -506,10 +528,11 @@ def test_an_epochs_first_step_is_not_measured(monkeypatch):
     assert gov.summary()["ratios"] == [1.0]
 
 
-@pytest.mark.parametrize("on_ms, off_ms, pairs", [(1.3, 1.0, 1), (0.7, 1.0, 1), (1.05, 1.0, 3)])
+@pytest.mark.parametrize("on_ms, off_ms, pairs", [(1.3, 1.0, 1), (0.7, 1.0, 3), (1.05, 1.0, 3)])
 def test_prefetch_governor_stops_exploring_once_decisive(monkeypatch, on_ms, off_ms, pairs):
-    """A side 30% slower after one pair of epochs is not measured again; 5% is within the
-    margin, so every planned pair is measured before choosing."""
+    """Prefetch 30% slower after one pair of epochs is not measured again; 5% is within the
+    margin, and 30% faster is not trusted from one pair (a wrong "on" costs more than a
+    wrong "off"), so every planned pair is measured before choosing."""
     from moe_edge.offload import prefetch
     gov = prefetch.PrefetchGovernor(epoch=4, explore=3, exploit=10, decisive=0.1)
     seen = _drive(monkeypatch, gov, 8 * pairs + 10, lambda i, on: on_ms if on else off_ms)

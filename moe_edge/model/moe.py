@@ -27,9 +27,12 @@ class ExpertProvider(Protocol):
     experts are batched is the provider's business. `start(ids)` (decode) comes first, as
     soon as the router has picked them: a provider that loads experts starts the missing
     ones, so the loads overlap the shared experts the block computes before `apply`.
+    `routing` (prefill: `[N, A]`, the experts each token picked, in token order) lets a
+    caching provider leave resident what the tokens after these are likely to use.
     """
 
-    def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, Expert]]: ...
+    def experts_for(self, ids: Iterable[int], hold: bool = False,
+                    routing: torch.Tensor | None = None) -> Iterator[tuple[int, Expert]]: ...
 
     def start(self, ids: list[int]) -> None: ...
 
@@ -43,7 +46,8 @@ class ResidentExperts(nn.ModuleList):
         super().__init__(MLP(config.hidden_size, config.moe_intermediate_size)
                          for _ in range(config.num_experts))
 
-    def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, Expert]]:
+    def experts_for(self, ids: Iterable[int], hold: bool = False,
+                    routing: torch.Tensor | None = None) -> Iterator[tuple[int, Expert]]:
         for e in ids:  # resident: valid for good, held or not
             yield e, self[e]
 
@@ -164,7 +168,7 @@ class MoEBlock(nn.Module):
         token_of = order // A  # [N*A] token row of each sorted assignment
         ys = flat.new_empty(N * A, flat.shape[1])  # [N*A, D] in expert order
         active = [e for e, c in enumerate(counts.tolist()) if c]
-        for e, expert in self.experts.experts_for(active):
+        for e, expert in self.experts.experts_for(active, routing=ids):
             ys[starts[e]:starts[e + 1]] = inputs(expert, token_of[starts[e]:starts[e + 1]])
         ys = ys.index_select(0, torch.argsort(order)).view(N, A, -1)  # back to [N, A, D]
         return (weights[..., None] * ys).sum(1)

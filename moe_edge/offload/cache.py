@@ -30,6 +30,9 @@ from .stats import LayerStats, OffloadStats
 from .store import ExpertLayout, expert_from_buffer, slot_buffers
 
 
+RECENT = 64  # prompt tokens whose picks the policy replays: LRFU's weight on older ones is < 2^-6
+
+
 @dataclass
 class Slot:
     buf: torch.Tensor  # uint8 [stride], on the fast device
@@ -295,16 +298,23 @@ class ExpertCache:
                 self._load_into(layer, lc, i, e, prefetch=False)
                 lc.started.add(e)
 
-    def experts_for(self, layer: int, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, MLP]]:
+    def experts_for(self, layer: int, ids: Iterable[int], hold: bool = False,
+                    routing: torch.Tensor | None = None) -> Iterator[tuple[int, MLP]]:
         """Resident experts first, then the others as their loads land; more experts than
         slots (prefill) stream through the slots, loading ahead while one computes. With
-        `hold` (at most as many ids as slots) each stays pinned until the iterator is closed."""
+        `hold` (at most as many ids as slots) each stays pinned until the iterator is closed.
+        `routing` ([T, A], the experts each token picked, in token order): the policy sees
+        the last RECENT tokens' picks in turn, as if they had been decoded, and a stream keeps
+        resident the experts that ranks highest (see `_keep`)."""
         lc = self.layers[layer]
         ids = list(ids)
         if hold and len(ids) > self.slots_per_layer:
             raise ValueError(f"cannot hold {len(ids)} experts in {self.slots_per_layer} slots")
         self._record_prediction(lc, ids)
-        pending = deque(sorted(ids, key=lambda e: e not in lc.where))
+        picks = routing[-RECENT:].tolist() if routing is not None else []
+        keep = self._keep(lc, ids, picks) if not hold else set()
+        lc.pinned.update(keep & lc.where.keys())
+        pending = deque(sorted(ids, key=lambda e: (e not in lc.where, e in keep)))
         active: deque[tuple[int, Slot]] = deque()
         try:
             while pending or active:
@@ -318,12 +328,31 @@ class ExpertCache:
                     continue
                 e, slot = self._next_ready(active)
                 yield e, self._ready(lc, slot, layer)
-                if not hold:
+                if not hold and e not in keep:
                     lc.pinned.discard(e)
         finally:
             lc.pinned.clear()
             lc.started.clear()
             self._drop_stale_prefetches(lc)
+            for token in picks:
+                for e in token:
+                    if e in lc.where:
+                        lc.policy.touch(e)
+
+    def _keep(self, lc: LayerCache, ids: list[int], picks: list[list[int]]) -> set[int]:
+        """Of a stream's experts (more than the slots), those the layer's policy would rank
+        highest after seeing `picks` token by token: they stay pinned once resident, and load
+        last, so the stream ends with them in the slots and the next tokens (decode after a
+        prompt) find them. A window of slots (`reads`, at least two) is left to the stream.
+        Without this the slots end holding whatever streamed last (by expert id)."""
+        room = self.slots_per_layer - max(2, len(self.loader.workers))
+        if not picks or len(ids) <= self.slots_per_layer or room <= 0:
+            return set()
+        policy = type(lc.policy)()
+        for token in picks:
+            for e in token:
+                policy.touch(e)
+        return set(policy.ranked(ids)[-room:])
 
     def _drop_stale_prefetches(self, lc: LayerCache) -> None:
         """The layer has run: its prefetches still queued guessed wrong for this step, and
@@ -401,8 +430,9 @@ class LayerExperts:
     def __init__(self, cache: ExpertCache, layer: int):
         self.cache, self.layer = cache, layer
 
-    def experts_for(self, ids: Iterable[int], hold: bool = False) -> Iterator[tuple[int, MLP]]:
-        return self.cache.experts_for(self.layer, ids, hold)
+    def experts_for(self, ids: Iterable[int], hold: bool = False,
+                    routing: torch.Tensor | None = None) -> Iterator[tuple[int, MLP]]:
+        return self.cache.experts_for(self.layer, ids, hold, routing)
 
     def start(self, ids: list[int]) -> None:
         self.cache.start(self.layer, ids)

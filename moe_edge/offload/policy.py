@@ -32,6 +32,12 @@ class LRU:
         allowed = set(candidates)
         return min((e for e in self._order if e in allowed), key=self._order_key(), default=None)
 
+    def ranked(self, candidates: Iterable[int]) -> list[int]:
+        """The touched ones of `candidates`, in the order `victim` would take them (the next
+        victim first)."""
+        allowed = set(candidates)
+        return sorted((e for e in self._order if e in allowed), key=self._order_key())
+
     def _order_key(self):
         """A key that orders experts as `rank` does (LRU: none, the order decides)."""
         return self.rank
