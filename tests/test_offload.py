@@ -493,7 +493,7 @@ def test_prefetch_governor_keeps_the_side_that_measures_faster(monkeypatch, on_m
     the side the one before ended with, then the faster side runs (and is measured again
     later); prefetch must win by more than `favour_off` (5%): 3% faster is not enough."""
     from moe_edge.offload import prefetch
-    gov = prefetch.PrefetchGovernor(epoch=4, explore=2, exploit=10, decisive=None)
+    gov = prefetch.PrefetchGovernor(start_after=0, epoch=4, explore=2, exploit=10, decisive=None)
     seen = _drive(monkeypatch, gov, 16 + 10 + 8, lambda i, on: on_ms if on else off_ms)
     assert seen[:16] == [False] * 4 + [True] * 4 + [True] * 4 + [False] * 4
     assert gov.chosen is chosen and seen[16:26] == [chosen] * 10
@@ -507,7 +507,7 @@ def test_a_prefill_inside_a_pair_drops_the_pair(monkeypatch):
     one whose steps miss (slow, prefetch off). With the pair dropped at the prefill and
     measured again inside the long reply, the side that is faster there wins."""
     from moe_edge.offload import prefetch
-    gov = prefetch.PrefetchGovernor(epoch=4, explore=1, exploit=10, decisive=None)
+    gov = prefetch.PrefetchGovernor(start_after=0, epoch=4, explore=1, exploit=10, decisive=None)
     # steps 0-5: a short warm reply (1 ms whatever the side); from step 6 on, a long reply in
     # which prefetch costs (3 ms against 2 ms)
     seen = _drive(monkeypatch, gov, 6 + 8 + 10, lambda i, on: 1.0 if i < 6 else 3.0 if on else 2.0,
@@ -522,7 +522,7 @@ def test_an_epochs_first_step_is_not_measured(monkeypatch):
     """The other side's loads still land in an epoch's first step: it carries their cost,
     so it is left out of the epoch's median."""
     from moe_edge.offload import prefetch
-    gov = prefetch.PrefetchGovernor(epoch=3, explore=1, exploit=10, decisive=None)
+    gov = prefetch.PrefetchGovernor(start_after=0, epoch=3, explore=1, exploit=10, decisive=None)
     # the first step of every epoch is slow (the side before it left work); the rest equal
     _drive(monkeypatch, gov, 6 + 1, lambda i, on: 9.0 if i % 3 == 0 else 1.0)
     assert gov.summary()["ratios"] == [1.0]
@@ -534,7 +534,7 @@ def test_prefetch_governor_stops_exploring_once_decisive(monkeypatch, on_ms, off
     margin, and 30% faster is not trusted from one pair (a wrong "on" costs more than a
     wrong "off"), so every planned pair is measured before choosing."""
     from moe_edge.offload import prefetch
-    gov = prefetch.PrefetchGovernor(epoch=4, explore=3, exploit=10, decisive=0.1)
+    gov = prefetch.PrefetchGovernor(start_after=0, epoch=4, explore=3, exploit=10, decisive=0.1)
     seen = _drive(monkeypatch, gov, 8 * pairs + 10, lambda i, on: on_ms if on else off_ms)
     order = ([False] * 4 + [True] * 8 + [False] * 4) * 2  # pairs alternate which side goes first
     assert seen[:8 * pairs] == order[:8 * pairs]
@@ -545,13 +545,26 @@ def test_a_decisive_governor_still_remeasures_after_exploiting(monkeypatch):
     """An early choice is not final: after `exploit` steps both sides are measured again, so
     when prefetch becomes the faster side (a warm disk, a routing change) it is chosen."""
     from moe_edge.offload import prefetch
-    gov = prefetch.PrefetchGovernor(epoch=4, explore=3, exploit=10, keep=1, decisive=0.1)
+    gov = prefetch.PrefetchGovernor(start_after=0, epoch=4, explore=3, exploit=10, keep=1, decisive=0.1)
     # prefetch loses at first, wins from the re-measure on
     seen = _drive(monkeypatch, gov, 8 + 10 + 8 + 10,
                   lambda i, on: (1.3 if i < 18 else 0.5) if on else 1.0)
     assert seen[8:18] == [False] * 10  # decided after one pair
     assert seen[18:26] == [True] * 4 + [False] * 4  # re-measured
     assert seen[26:] == [True] * 10 and gov.chosen is True
+
+
+def test_prefetch_starts_off_and_is_measured_only_after_start_after_steps(monkeypatch):
+    """A short reply runs without prefetch and without measuring it, even where prefetch
+    would win; once `start_after` steps (over all generations) have run, pairs are measured."""
+    from moe_edge.offload import prefetch
+    gov = prefetch.PrefetchGovernor(start_after=10, epoch=4, explore=1, exploit=10, decisive=None)
+    seen = _drive(monkeypatch, gov, 6, lambda i, on: 0.5 if on else 1.0)  # a short reply
+    assert gov.summary()["ratios"] == []
+    seen += _drive(monkeypatch, gov, 4 + 8 + 2, lambda i, on: 0.5 if on else 1.0, pause_at=(0,))  # the next
+    assert seen[:10] == [False] * 10
+    assert seen[10:18] == [False] * 4 + [True] * 4 and seen[18:] == [True] * 2
+    assert gov.chosen is True
 
 
 def test_a_governor_must_have_something_to_measure():
@@ -567,10 +580,10 @@ def test_governed_prefetch_keeps_offloaded_tokens_equal_to_resident(ckpts):
     ref = load(ckpts["gptq"], device="cpu")
     lm = load_offloaded(ckpts["gptq"], device="cpu", expert_cache=3, prefetch="auto", reads=4)
     try:
-        lm.offload.prefetcher.governor.epoch = 2  # switch sides often within a short run
+        gov = lm.offload.prefetcher.governor
+        gov.epoch, gov.left = 2, 0  # measure from the first step, switching sides often
         want = ref.generate("Prefetch or not", temperature=0, max_new_tokens=24).token_ids
         got = lm.generate("Prefetch or not", temperature=0, max_new_tokens=24).token_ids
-        gov = lm.offload.prefetcher.governor
         assert got == want and gov.steps_on > 0 and gov.steps_off > 0
     finally:
         lm.offload.close()

@@ -197,6 +197,10 @@ class MlpStep {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace moe_edge;
   namespace py = pybind11;
+  // the steps touch no Python object: other threads run while they compute (an offloaded
+  // model's loader threads start and finish their reads during the shared experts, the
+  // attention of the next layers), as they do during any ATen op called from Python
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   py::class_<Int4Linear>(m, "Int4Linear")
       .def(py::init([](at::Tensor packed, at::Tensor scale_zeros, std::optional<at::Tensor> perm,
                        std::optional<at::Tensor> bias, int64_t group) {
@@ -208,12 +212,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<AttentionStep>(m, "AttentionStep")
       .def(py::init<at::Tensor, double, Int4Linear, Int4Linear, std::optional<at::Tensor>, std::optional<at::Tensor>,
                     bool, double, int64_t, int64_t, int64_t, double>())
-      .def("__call__", &AttentionStep::operator());
+      .def("__call__", &AttentionStep::operator(), nogil);
   py::class_<MlpStep>(m, "MlpStep")
       .def(py::init<at::Tensor, double, std::optional<at::Tensor>, int64_t, bool, std::optional<Int4Mlp>,
                     std::optional<at::Tensor>, std::vector<Int4Mlp>>())
-      .def("__call__", &MlpStep::operator())
-      .def("route", &MlpStep::route)
-      .def("shared", &MlpStep::shared)
-      .def("combine", &MlpStep::combine);
+      .def("__call__", &MlpStep::operator(), nogil)
+      .def("route", &MlpStep::route, nogil)
+      .def("shared", &MlpStep::shared, nogil)
+      .def("combine", &MlpStep::combine, nogil);
 }

@@ -41,11 +41,17 @@ class PrefetchGovernor:
     then 17.6 tok/s with prefetch against 22.9 without), and a wrong "on" costs more than
     a wrong "off" (its reads delay the misses and its guesses evict used experts).
 
+    Prefetch starts off, unmeasured, for the first `start_after` decode steps (counted over
+    every generation): on every model and tier measured here it loses, and measuring it costs
+    what it loses, which a short reply cannot earn back (the 16B-sized demo x3 under a
+    limit of dense + 25%, 48 tokens: 11.2-11.7 tok/s governed from the first step against
+    12.5 with prefetch off; its exploring epochs read 7-30 MiB a token more).
+
     `step()` is called once per decode step; `on` says what this step does.
     """
 
     def __init__(self, epoch: int = 6, explore: int = 3, exploit: int = 192, keep: int = 6,
-                 decisive: float | None = 0.1, favour_off: float = 0.05):
+                 decisive: float | None = 0.1, favour_off: float = 0.05, start_after: int = 128):
         if epoch < 2:
             raise ValueError(f"a governor epoch of {epoch} steps measures nothing: its first step is not measured")
         if explore < 1:
@@ -55,7 +61,7 @@ class PrefetchGovernor:
         self.ratios: list[float] = []  # per measured pair: median step with prefetch / without
         self.pairs_left = explore  # pairs to measure before choosing
         self.pair: dict[bool, float] = {}  # the current pair's measured epochs: side -> median step
-        self.on, self.left, self.measuring = False, 0, False
+        self.on, self.left, self.measuring = False, start_after, False
         self.steps: list[float] = []
         self.last: float | None = None
         self.chosen: bool | None = None  # what the last comparison picked
