@@ -164,6 +164,15 @@ class MlpStep {
     return out;
   }
 
+  // combine() of routed experts an offloading provider holds (landed in its slots), given in
+  // top-k order and run in one mlps call, as operator() runs resident ones.
+  at::Tensor finish(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& xb,
+                    const std::vector<Int4Mlp>& experts, const std::optional<at::Tensor>& shared) const {
+    std::vector<const Int4Mlp*> ms;
+    for (const Int4Mlp& m : experts) ms.push_back(&m);
+    return combine(x, weights, run_mlps(ms, xb, at::kFloat), shared);
+  }
+
   // x + sum_a weights[a] ys[a] (+ shared): ys [A, D], the experts' outputs in top-k order.
   at::Tensor combine(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& ys,
                      const std::optional<at::Tensor>& shared) const {
@@ -219,5 +228,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &MlpStep::operator(), nogil)
       .def("route", &MlpStep::route, nogil)
       .def("shared", &MlpStep::shared, nogil)
-      .def("combine", &MlpStep::combine, nogil);
+      .def("combine", &MlpStep::combine, nogil)
+      .def("finish", &MlpStep::finish, nogil);
 }

@@ -24,6 +24,7 @@ import torch
 from ..memory import release_pages
 from ..model.layers import MLP
 from ..model.moe import ExpertInput
+from ..quant.decode_steps import native_mlp
 from ..quant.experts import apply_together
 from .policy import DEFAULT, POLICIES
 from .stats import LayerStats, OffloadStats
@@ -41,6 +42,7 @@ class Slot:
     module: MLP | None = None  # views into buf; reused while experts share a layout
     layout: ExpertLayout | None = None
     prefetched: bool = False  # loaded by a prefetch and not used since
+    native: object = None  # the module as a native Int4Mlp (False: it has none); kept with the module
 
 
 class Loader:
@@ -145,6 +147,8 @@ class ExpertCache:
     def __init__(self, store, layouts: dict[tuple[int, int], ExpertLayout],
                  index_of: Callable[[int, int], int], slots_per_layer: int, device: torch.device,
                  hidden: int, width: int, policy: str = DEFAULT, threaded: bool = True, reads: int = 4):
+        same: dict[ExpertLayout, ExpertLayout] = {}  # equal layouts as one object: compared by identity
+        layouts = {key: same.setdefault(layout, layout) for key, layout in layouts.items()}
         self.store, self.layouts, self.index_of = store, layouts, index_of
         self.device, self.hidden, self.width = device, hidden, width
         self.slots_per_layer = slots_per_layer
@@ -212,8 +216,8 @@ class ExpertCache:
     def _load_into(self, layer: int, lc: LayerCache, i: int, expert: int, prefetch: bool) -> Slot:
         slot = lc.slots[i]
         self._evict(lc, slot)
-        if slot.module is not None and self.layouts[(layer, expert)] != slot.layout:
-            slot.module = None  # same layout: the module's views already show the new bytes
+        if slot.module is not None and self.layouts[(layer, expert)] is not slot.layout:
+            slot.module = slot.native = None  # same layout: the module's views already show the new bytes
         slot.expert, slot.prefetched, slot.layout = expert, prefetch, self.layouts[(layer, expert)]
         lc.where[expert] = i
         lc.policy.touch(expert)
@@ -391,6 +395,58 @@ class ExpertCache:
             lc.stats.actual += len(ids)
             lc.predicted = set()
 
+    def hits(self, layer: int, ids: list[int]) -> list[tuple[int, MLP]] | None:
+        """`(e, module)` for sorted `ids` when every one is resident with its load landed (a
+        miss `start` loaded this step included), counted and touched as
+        `experts_for(sorted(ids), hold=True)` would (then closed); else None, with nothing
+        counted. A decode step's common case without the generator's bookkeeping."""
+        lc = self.layers[layer]
+        slots = self._landed(lc, sorted(ids))
+        return None if slots is None else [(slot.expert, slot.module) for slot in self._use(lc, layer, slots)]
+
+    def native_hits(self, layer: int, ids: list[int]) -> list | None:
+        """The experts `ids` as native Int4Mlps (decode_steps.native_mlp), in the order of `ids`,
+        when `hits` would hand them all over and every one has one, of one layout (one mlps
+        call takes them); counted as `hits` counts. Else None, with nothing counted."""
+        lc = self.layers[layer]
+        slots = self._landed(lc, sorted(ids))
+        if slots is None or any(slot.layout is not slots[0].layout for slot in slots):
+            return None
+        for slot in slots:
+            if slot.native is None:
+                slot.native = native_mlp(self._ready(lc, slot, layer), len(ids)) or False
+            if slot.native is False:
+                return None
+        by_id = {slot.expert: slot.native for slot in self._use(lc, layer, slots)}
+        return [by_id[e] for e in ids]
+
+    def _landed(self, lc: LayerCache, ids: list[int]) -> list[Slot] | None:
+        slots = []
+        for e in ids:
+            i = lc.where.get(e)
+            if i is None or not Loader.done(lc.slots[i].handle):
+                return None
+            slots.append(lc.slots[i])
+        return slots
+
+    def _use(self, lc: LayerCache, layer: int, slots: list[Slot]) -> list[Slot]:
+        """What experts_for(hold=True) does for landed experts, from the hit counts to closing."""
+        self._record_prediction(lc, [slot.expert for slot in slots])
+        for slot in slots:
+            if slot.expert in lc.started:  # a miss `start` loaded (and counted) this step
+                lc.started.discard(slot.expert)
+                continue
+            lc.stats.hits += 1
+            lc.stats.prefetch_used += slot.prefetched
+            slot.prefetched = False
+            lc.policy.touch(slot.expert)
+        self._issue_prefetches()
+        for slot in slots:
+            self._ready(lc, slot, layer)
+        lc.pinned.clear()
+        self._drop_stale_prefetches(lc)
+        return slots
+
     def all_ready(self, layer: int, ids: Iterable[int]) -> bool:
         """Whether every one of `ids` is resident with its load landed (a hit costs no wait)."""
         lc = self.layers[layer]
@@ -437,9 +493,21 @@ class LayerExperts:
     def start(self, ids: list[int]) -> None:
         self.cache.start(self.layer, ids)
 
+    def native_hits(self, ids: list[int]) -> list | None:
+        """For a native MLP step (quant.decode_steps): see ExpertCache.native_hits."""
+        return self.cache.native_hits(self.layer, ids)
+
     def apply(self, inputs: ExpertInput, ids: list[int]) -> torch.Tensor:
         """[A, D] for one decode row: cached experts first, gate+up rows computed as the
         others land (see quant.experts.apply_together); when all are in, in one call, as
         resident experts run."""
+        held = self.cache.hits(self.layer, ids)
+        if held is not None:  # every one a landed hit: all in one call
+            return apply_together(iter_closable(held), inputs, ids, on_arrival=False)
         waiting = not self.cache.all_ready(self.layer, ids)
         return apply_together(self.experts_for(sorted(ids), hold=True), inputs, ids, on_arrival=waiting)
+
+
+def iter_closable(items: list) -> Iterator:
+    """An iterator over `items` with the close() apply_together calls on a provider's."""
+    yield from items

@@ -74,6 +74,10 @@ class NativeSteps:
         picked = ids.tolist()[0]
         experts.start(picked)  # their loads overlap the shared experts
         shared = self.mlp.shared(flat, xb)
+        held = getattr(experts, "native_hits", None)  # an offloading provider's landed hits
+        mlps = held(picked) if held is not None else None
+        if mlps is not None:
+            return self.mlp.finish(x, weights, xb, mlps, shared)
         ys = experts.apply(ExpertInput(flat, {torch.bfloat16: xb}), picked)  # [A, D]
         return self.mlp.combine(x, weights, ys, shared)
 
@@ -155,6 +159,12 @@ def mlp_step(layer: DecoderLayer, top_k: int):
     return steps.MlpStep(weight, eps, mlp.gate.weight.detach(), top_k, mlp.gate.renormalize,
                          _mlp(shared) if shared is not None else None,
                          gate.weight.detach() if gate is not None else None, [_mlp(e) for e in routed]), bool(routed)
+
+
+def native_mlp(mlp, top_k: int):
+    """`mlp` (a routed expert) as the Int4Mlp an MlpStep runs, or None where it does not fit
+    (what mlp_step asks of resident experts)."""
+    return _mlp(mlp) if native.available() and _fits_mlp(mlp) and runs_together(mlp, top_k) else None
 
 
 def _fits(layer) -> bool:
