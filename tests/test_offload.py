@@ -554,6 +554,19 @@ def test_a_decisive_governor_still_remeasures_after_exploiting(monkeypatch):
     assert seen[26:] == [True] * 10 and gov.chosen is True
 
 
+def test_each_confirmed_choice_runs_twice_as_long_before_the_next_measure(monkeypatch):
+    """Measuring the losing side costs what it loses: while re-measures keep confirming the
+    choice, the runs between them double (10, 20, 40 steps here), up to `exploit_max`."""
+    from moe_edge.offload import prefetch
+    gov = prefetch.PrefetchGovernor(start_after=0, epoch=4, explore=1, exploit=10, exploit_max=40,
+                                    decisive=None)
+    F, T = [False], [True]
+    pair, pair_on_first = F * 4 + T * 4, T * 4 + F * 4  # pairs alternate which side goes first
+    want = pair + F * 10 + pair_on_first + F * 20 + pair + F * 40 + pair_on_first + F * 40
+    assert _drive(monkeypatch, gov, len(want), lambda i, on: 2.0 if on else 1.0) == want
+    assert gov.chosen is False
+
+
 def test_prefetch_starts_off_and_is_measured_only_after_start_after_steps(monkeypatch):
     """A short reply runs without prefetch and without measuring it, even where prefetch
     would win; once `start_after` steps (over all generations) have run, pairs are measured."""

@@ -31,7 +31,9 @@ class PrefetchGovernor:
     also leaves the cache to the next epoch (prefetched experts that were never used, in
     slots that held useful ones), so pairs alternate which side goes first. After up to
     `explore` pairs the side the median ratio favours runs for `exploit` steps, then one
-    pair is measured again, the oldest ratios forgotten (`keep`). Prefetch must win by
+    pair is measured again, the oldest ratios forgotten (`keep`); each re-measure that
+    confirms the choice doubles the next run, up to `exploit_max` steps (a choice that flips
+    starts again from `exploit`). Prefetch must win by
     `favour_off`: what it leaves behind and the CPU its reads take from other threads fall
     outside its own epochs (the 16B-sized demo x3, unlimited, 35 of 64 slots: pairs measured
     it 1.02 and 0.68 of off, and 96 steps with it ran at 0.91 of off). A median ratio
@@ -51,12 +53,14 @@ class PrefetchGovernor:
     """
 
     def __init__(self, epoch: int = 6, explore: int = 3, exploit: int = 192, keep: int = 6,
-                 decisive: float | None = 0.1, favour_off: float = 0.05, start_after: int = 128):
+                 decisive: float | None = 0.1, favour_off: float = 0.05, start_after: int = 128,
+                 exploit_max: int = 1536):
         if epoch < 2:
             raise ValueError(f"a governor epoch of {epoch} steps measures nothing: its first step is not measured")
         if explore < 1:
             raise ValueError(f"a governor must measure at least one pair of epochs before choosing, not {explore}")
-        self.epoch, self.exploit, self.keep, self.decisive = epoch, exploit, keep, decisive
+        self.epoch, self.keep, self.decisive = epoch, keep, decisive
+        self.exploit_base, self.exploit_max, self.exploit = exploit, max(exploit, exploit_max), exploit
         self.favour_off = favour_off
         self.ratios: list[float] = []  # per measured pair: median step with prefetch / without
         self.pairs_left = explore  # pairs to measure before choosing
@@ -100,8 +104,11 @@ class PrefetchGovernor:
             self.on, self.left, self.measuring = self.pairs % 2 == 1, self.epoch, True
             self.pairs += 1
         else:
-            self.chosen = statistics.median(self.ratios) < 1.0 - self.favour_off
-            self.on, self.left, self.measuring = self.chosen, self.exploit, False
+            chosen = statistics.median(self.ratios) < 1.0 - self.favour_off
+            confirmed = chosen == self.chosen
+            self.exploit = min(2 * self.exploit, self.exploit_max) if confirmed else self.exploit_base
+            self.chosen = chosen
+            self.on, self.left, self.measuring = chosen, self.exploit, False
             self.fresh, self.pairs_left = 0, 1
 
     def _decided(self) -> bool:
