@@ -498,14 +498,13 @@ class LayerExperts:
         return self.cache.native_hits(self.layer, ids)
 
     def apply(self, inputs: ExpertInput, ids: list[int]) -> torch.Tensor:
-        """[A, D] for one decode row: cached experts first, gate+up rows computed as the
-        others land (see quant.experts.apply_together); when all are in, in one call, as
-        resident experts run."""
+        """[A, D] for one decode row: when all have landed, in one call, as resident experts
+        run; else cached experts first, gate+up rows computed as the others land (see
+        quant.experts.apply_together)."""
         held = self.cache.hits(self.layer, ids)
-        if held is not None:  # every one a landed hit: all in one call
+        if held is not None:
             return apply_together(iter_closable(held), inputs, ids, on_arrival=False)
-        waiting = not self.cache.all_ready(self.layer, ids)
-        return apply_together(self.experts_for(sorted(ids), hold=True), inputs, ids, on_arrival=waiting)
+        return apply_together(self.experts_for(sorted(ids), hold=True), inputs, ids, on_arrival=True)
 
 
 def iter_closable(items: list) -> Iterator:
