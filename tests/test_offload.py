@@ -361,6 +361,19 @@ def test_held_experts_stay_pinned_until_the_iterator_closes():
         next(cache.experts_for(1, [0, 1, 2, 3], hold=True))
 
 
+def test_landed_hits_are_pinned_against_a_queued_prefetch():
+    """`hits` hands over what experts_for(hold=True) would: a prefetch it issues may not
+    evict one of the step's experts, with or without `start` having pinned them."""
+    cache, _ = tiny_cache(slots=2)
+    run(cache, [0, 1])
+    cache.schedule_prefetch(1, [5])  # queued: issued by the next layer call, which finds no room
+    assert [e for e, _ in cache.hits(1, [1, 0])] == [0, 1]
+    assert cache.resident(1) == [0, 1] and not cache.layers[1].pinned
+    s = cache.stats().layers[1]
+    assert (s.hits, s.misses) == (2, 2)
+    cache.close()
+
+
 def test_a_stream_leaves_resident_what_its_last_tokens_used():
     """Prefill streams more experts than slots; with the tokens' routing the slots end holding
     what the policy ranks highest after the tokens, so the next token hits; without it the

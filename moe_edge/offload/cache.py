@@ -335,9 +335,7 @@ class ExpertCache:
                 if not hold and e not in keep:
                     lc.pinned.discard(e)
         finally:
-            lc.pinned.clear()
-            lc.started.clear()
-            self._drop_stale_prefetches(lc)
+            self._release(lc)
             for token in picks:
                 for e in token:
                     if e in lc.where:
@@ -412,11 +410,15 @@ class ExpertCache:
         slots = self._landed(lc, sorted(ids))
         if slots is None or any(slot.layout is not slots[0].layout for slot in slots):
             return None
-        for slot in slots:
-            if slot.native is None:
-                slot.native = native_mlp(self._ready(lc, slot, layer), len(ids)) or False
-            if slot.native is False:
-                return None
+        try:
+            for slot in slots:
+                if slot.native is None:
+                    slot.native = native_mlp(self._ready(lc, slot, layer), len(ids)) or False
+        except BaseException:  # a failed load: the step ends here, as experts_for's would
+            self._release(lc)
+            raise
+        if any(slot.native is False for slot in slots):
+            return None
         by_id = {slot.expert: slot.native for slot in self._use(lc, layer, slots)}
         return [by_id[e] for e in ids]
 
@@ -431,21 +433,30 @@ class ExpertCache:
 
     def _use(self, lc: LayerCache, layer: int, slots: list[Slot]) -> list[Slot]:
         """What experts_for(hold=True) does for landed experts, from the hit counts to closing."""
-        self._record_prediction(lc, [slot.expert for slot in slots])
-        for slot in slots:
-            if slot.expert in lc.started:  # a miss `start` loaded (and counted) this step
-                lc.started.discard(slot.expert)
-                continue
-            lc.stats.hits += 1
-            lc.stats.prefetch_used += slot.prefetched
-            slot.prefetched = False
-            lc.policy.touch(slot.expert)
-        self._issue_prefetches()
-        for slot in slots:
-            self._ready(lc, slot, layer)
-        lc.pinned.clear()
-        self._drop_stale_prefetches(lc)
+        lc.pinned.update(slot.expert for slot in slots)  # before any prefetch is issued, as there
+        try:
+            self._record_prediction(lc, [slot.expert for slot in slots])
+            for slot in slots:
+                if slot.expert in lc.started:  # a miss `start` loaded (and counted) this step
+                    lc.started.discard(slot.expert)
+                    continue
+                lc.stats.hits += 1
+                lc.stats.prefetch_used += slot.prefetched
+                slot.prefetched = False
+                lc.policy.touch(slot.expert)
+            self._issue_prefetches()
+            for slot in slots:
+                self._ready(lc, slot, layer)
+        finally:
+            self._release(lc)
         return slots
+
+    def _release(self, lc: LayerCache) -> None:
+        """A layer's call has ended: its pins and started loads are let go, its stale
+        prefetches dropped."""
+        lc.pinned.clear()
+        lc.started.clear()
+        self._drop_stale_prefetches(lc)
 
     def all_ready(self, layer: int, ids: Iterable[int]) -> bool:
         """Whether every one of `ids` is resident with its load landed (a hit costs no wait)."""
