@@ -46,6 +46,29 @@ def release_pages(buf) -> bool:
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), mmap.MADV_DONTNEED) == 0
 
 
+HUGE_PAGE = 2 * 2**20  # x86-64's transparent huge page
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+
+
+def huge_pages(buf) -> bool:
+    """Ask Linux to back a CPU tensor's memory with transparent huge pages (madvise
+    MADV_HUGEPAGE on its 2 MiB-aligned part), before the memory is first touched. For buffers
+    that direct reads land in: the kernel pins a read's destination page by page, and on
+    4 KiB pages that cost 0.27-0.33 ms of CPU per 4.4 MiB expert read against 0.11 ms on huge
+    pages (a 2-core VM, virtio disk), time taken from the threads computing meanwhile. Also
+    where the system setting is `madvise` (the default of many distributions). True if
+    the advice was taken; False off Linux/glibc, for GPU memory or a buffer under 2 MiB."""
+    libc = _libc()
+    if libc is None or buf.device.type != "cpu":
+        return False
+    start = buf.data_ptr()
+    first = -start % HUGE_PAGE
+    size = (buf.numel() * buf.element_size() - first) // HUGE_PAGE * HUGE_PAGE
+    if size <= 0:
+        return False
+    return libc.madvise(ctypes.c_void_p(start + first), ctypes.c_size_t(size), MADV_HUGEPAGE) == 0
+
+
 def peak_memory(device=None) -> int:
     """Peak bytes so far: GPU memory allocated on a CUDA device, else the process's peak RSS."""
     if device is not None and getattr(device, "type", device) == "cuda":

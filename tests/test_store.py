@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +177,28 @@ def test_slot_buffers_are_page_aligned_and_disjoint():
     assert all(b.data_ptr() % store_mod.PAGE == 0 for b in bufs)
     starts = sorted(b.data_ptr() for b in bufs)
     assert all(b - a == 3 * store_mod.PAGE for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                    reason="no transparent huge pages")
+def test_the_slot_pool_is_advised_huge_pages():
+    """Direct reads pin their destination page by page: the slots ask for 2 MiB pages
+    (MADV_HUGEPAGE, VmFlags `hg`), also where the system leaves them to madvise."""
+    bufs = store_mod.slot_buffers(1024 * store_mod.PAGE, 3, torch.device("cpu"))
+    assert "hg" in vm_flags(bufs[1].data_ptr())
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 def test_aligned_reads_go_direct_and_unaligned_ones_through_the_cache(tmp_path, monkeypatch):

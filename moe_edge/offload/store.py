@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import StoreError
+from ..memory import huge_pages
 from ..model.layers import MLP, Linear16
 from ..quant.qlinear import QuantLinear, QuantMLP, use_quant_mlps
 
@@ -122,6 +123,7 @@ def slot_buffers(stride: int, count: int, device: torch.device) -> list[torch.Te
     """`count` uint8 buffers of `stride` bytes carved from one allocation, each starting on a
     page boundary (a PAGE-multiple stride keeps them so): what a direct read lands in."""
     pool = torch.empty(stride * count + PAGE, dtype=torch.uint8, device=device)
+    huge_pages(pool)  # untouched yet: fewer pages for each read to pin (memory.huge_pages)
     start = -pool.data_ptr() % PAGE
     return [pool[start + i * stride:start + (i + 1) * stride] for i in range(count)]
 
