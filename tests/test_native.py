@@ -2,6 +2,7 @@
 bf16 rounding, every row computed alone, experts batched bit for bit, the demo's logits as
 close to the exact model as with PyTorch's kernel."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -348,10 +349,45 @@ def test_offloaded_decode_takes_the_native_steps_and_still_prefetches(tmp_path):
     assert off.generate(prompt, **greedy).token_ids == resident.generate(prompt, **greedy).token_ids
     assert off.offload_stats().total.predicted >= 24 * off.config.top_k  # guesses at every decode step
     ids = heldout_ids(off.tokenizer, max_tokens=48)[None]
+    assert torch.equal(decode_text(off.model, ids), decode_text(resident.model, ids))
 
-    def decode(model):
-        cache = model.new_cache(1, 48)
-        with torch.inference_mode():
-            model(ids[:, :8], cache)
-            return torch.cat([model(ids[:, i:i + 1], cache) for i in range(8, 48)], 1)
-    assert torch.equal(decode(off.model), decode(resident.model))
+
+def decode_text(model, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of `ids` [1, T] fed one token per step after an 8-token prompt."""
+    cache = model.new_cache(1, ids.shape[1])
+    with torch.inference_mode():
+        model(ids[:, :8], cache)
+        return torch.cat([model(ids[:, i:i + 1], cache) for i in range(8, ids.shape[1])], 1)
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
+def test_offloaded_steps_run_their_experts_natively_as_the_loads_land(tmp_path, monkeypatch):
+    """From disk, with reads slow enough that a step's misses are still loading: the landed
+    experts run in one native call, each other one as it lands (never the Python experts
+    path), and the logits are bitwise the resident model's."""
+    from moe_edge.api import load_offloaded
+    from moe_edge.offload.cache import ExpertCache, LayerExperts
+    off = load_offloaded(DEMO, expert_cache="50%", prefetch_depth=0, slow_tier="disk", offload_dir=tmp_path)
+    read = off.offload.cache.store.read_into
+
+    def slow(*args, **kwargs):
+        time.sleep(0.002)
+        return read(*args, **kwargs)
+    monkeypatch.setattr(off.offload.cache.store, "read_into", slow)
+    monkeypatch.setattr(LayerExperts, "apply", lambda *a: pytest.fail("the Python experts path ran"))
+    calls, as_landed = [], ExpertCache._as_landed
+
+    def recording(self, lc, layer, slots):
+        calls.append([])  # the sizes of one step's groups
+        for positions, mlps in as_landed(self, lc, layer, slots):
+            calls[-1].append(len(positions))
+            yield positions, mlps
+    monkeypatch.setattr(ExpertCache, "_as_landed", recording)
+    resident = load(DEMO)
+    ids = heldout_ids(off.tokenizer, max_tokens=48)[None]
+    assert torch.equal(decode_text(off.model, ids), decode_text(resident.model, ids))
+    s = off.offload_stats().total
+    assert s.misses > 0 and s.stall_seconds > 0
+    assert any(len(sizes) > 1 for sizes in calls)  # a step ran landed experts, then others as they landed
+    assert any(sizes == [off.config.top_k] for sizes in calls)  # and all at once where all had landed
+    off.offload.close()

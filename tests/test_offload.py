@@ -230,7 +230,7 @@ def test_prefetch_accounting_by_hand():
     cache.schedule_prefetch(1, [3])
     cache._issue_prefetches()   # prefetch 3 evicts 0
     cache.schedule_prefetch(1, [4])
-    cache._issue_prefetches()   # prefetch 4 evicts 1
+    cache._issue_prefetches()   # prefetch 4 evicts 1: not 3, also predicted (admitted first in line)
     assert run(cache, [3, 2]) == [3, 2]   # 3 used (hit), 2 hit
     cache.schedule_prefetch(1, [5])
     cache._issue_prefetches()   # evicts LRU among ready: 4 (prefetched, never used) -> wasted
@@ -239,6 +239,17 @@ def test_prefetch_accounting_by_hand():
     assert (s.hits, s.misses) == (2, 3)
     # every prediction made before the call ({3} and {4}) is scored against what it used ({3, 2})
     assert (s.predicted, s.predicted_correct, s.actual) == (2, 1, 2)
+
+
+def test_a_wrong_guess_is_evicted_before_the_experts_that_were_used():
+    """A prefetch is a guess, not a use: never used, its expert is the next victim, ahead of
+    experts used before it was loaded (LRU here)."""
+    cache, _ = tiny_cache(slots=3)
+    run(cache, [0, 1, 2])
+    cache.schedule_prefetch(1, [3], now=True)  # evicts 0
+    run(cache, [1])  # the guess was wrong
+    run(cache, [4])
+    assert cache.resident(1) == [1, 2, 4]
 
 
 def test_started_loads_are_counted_once_and_keep_the_steps_experts():

@@ -65,6 +65,27 @@ def test_lrfu_half_life_moves_it_between_lru_and_lfu():
     assert p.victim({2, 3}) == 2
 
 
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_an_admitted_guess_goes_before_anything_used(policy):
+    """A prefetch admits an expert without a use: never used, it is the next victim, ahead
+    of experts used once long ago; used, it ranks as any used expert does."""
+    p = touched(POLICIES[policy](), 1, 2, 3, 2, 3)
+    p.admit(4)
+    assert p.victim({1, 2, 3, 4}) == 4
+    touched(p, 4, 4, 4)
+    assert p.victim({1, 2, 3, 4}) == 1
+
+
+def test_lrfu_ranks_an_admitted_expert_by_its_past_uses():
+    """Scores outlive an eviction: a guess for an expert that was hot ranks by that past,
+    above a colder resident's."""
+    p = touched(LRFU(), 7, 7, 7, 1)
+    p.forget(7)
+    touched(p, 2, 3)
+    p.admit(7)
+    assert p.victim({1, 2, 3, 7}) == 1
+
+
 def test_replay_counts_by_hand():
     steps = [[0, 1], [1, 2], [0, 1], [3, 0]]
     # LRU, 3 slots: miss 0 1 | hit 1, miss 2 | hit 0 1 | hit 0, miss 3 evicts 2 (1 and 0 are newer)

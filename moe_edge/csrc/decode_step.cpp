@@ -168,9 +168,17 @@ class MlpStep {
   // top-k order and run in one mlps call, as operator() runs resident ones.
   at::Tensor finish(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& xb,
                     const std::vector<Int4Mlp>& experts, const std::optional<at::Tensor>& shared) const {
+    return combine(x, weights, rows(xb, experts), shared);
+  }
+
+  // Some routed experts' outputs [n, D], in the order given: each row equal bit for bit
+  // to its row in finish()'s one call (an expert's row meets the same loops alone), so a
+  // provider's experts can run in groups as their loads land and combine() takes the rows.
+  at::Tensor rows(const at::Tensor& xb, const std::vector<Int4Mlp>& experts) const {
+    TORCH_CHECK(!experts.empty(), "MlpStep.rows: no experts");
     std::vector<const Int4Mlp*> ms;
     for (const Int4Mlp& m : experts) ms.push_back(&m);
-    return combine(x, weights, run_mlps(ms, xb, at::kFloat), shared);
+    return run_mlps(ms, xb, at::kFloat);
   }
 
   // x + sum_a weights[a] ys[a] (+ shared): ys [A, D], the experts' outputs in top-k order.
@@ -229,5 +237,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("route", &MlpStep::route, nogil)
       .def("shared", &MlpStep::shared, nogil)
       .def("combine", &MlpStep::combine, nogil)
-      .def("finish", &MlpStep::finish, nogil);
+      .def("finish", &MlpStep::finish, nogil)
+      .def("rows", &MlpStep::rows, nogil);
 }

@@ -88,14 +88,18 @@ class ExpertCache:
         for c in self.layers.values():
             c.stats = LayerStats()
 
-    def _victim(self, lc: LayerCache) -> int | None:
-        """A free slot, else the policy's pick among ready, unpinned experts."""
+    def _victim(self, lc: LayerCache, prefetch: bool = False) -> int | None:
+        """A free slot, else the policy's pick among ready, unpinned experts; for a prefetch,
+        not one predicted for the layer's next call too (one guess never evicts another)."""
         slots, pinned = lc.slots, lc.pinned
         if len(lc.where) < len(slots):
             return next(i for i, slot in enumerate(slots) if slot.expert is None)
-        ready = [e for e, i in lc.where.items()
-                 if e not in pinned and (slots[i].handle is None or Loader.done(slots[i].handle))]
+        spare = lc.predicted if prefetch else ()
+        ready = [e for e, i in lc.where.items() if e not in pinned and e not in spare
+                 and (slots[i].handle is None or Loader.done(slots[i].handle))]
         e = lc.policy.victim(ready)
+        if e is None and prefetch:
+            return None
         if e is None:  # a prefetch still queued gives its slot up before anyone waits
             e = next((e for e, i in lc.where.items() if e not in lc.pinned and self._cancel(lc.slots[i])), None)
             lc.stats.bytes_moved -= self.store.stride if e is not None else 0  # never read
@@ -123,7 +127,7 @@ class ExpertCache:
                 slot.prefetched = False
                 lc.policy.touch(expert)
             return slot
-        i = self._victim(lc)
+        i = self._victim(lc, prefetch)
         if i is None:
             if prefetch:
                 return None
@@ -138,7 +142,7 @@ class ExpertCache:
             slot.module = slot.native = None  # same layout: the module's views already show the new bytes
         slot.expert, slot.prefetched, slot.layout = expert, prefetch, self.layouts[(layer, expert)]
         lc.where[expert] = i
-        lc.policy.touch(expert)
+        (lc.policy.admit if prefetch else lc.policy.touch)(expert)  # a guess is no use
         slot.handle = self.loader.start(self.index_of(layer, expert), slot.buf, prefetch)
         lc.stats.bytes_moved += self.store.stride
         if prefetch:
@@ -320,25 +324,45 @@ class ExpertCache:
         slots = self._landed(lc, sorted(ids))
         return None if slots is None else [(slot.expert, slot.module) for slot in self._use(lc, layer, slots)]
 
-    def native_hits(self, layer: int, ids: list[int]) -> list | None:
-        """The experts `ids` as native Int4Mlps (decode_steps.native_mlp), in the order of `ids`,
-        when `hits` would hand them all over and every one has one, of one layout (one mlps
-        call takes them); counted as `hits` counts. Else None, with nothing counted."""
+    def native_parts(self, layer: int, ids: list[int]) -> Iterator[tuple[list[int], list]] | None:
+        """A decode step's experts `ids` as native Int4Mlps (decode_steps.native_mlp) in groups
+        for an MlpStep: (positions in `ids`, ascending; their Int4Mlps), first every one that
+        has landed, then each other one as its load (issued by `start`) lands, so the first
+        compute while the rest load. Counted, touched, pinned and let go as
+        `experts_for(sorted(ids), hold=True)` does, from the first group to closing.
+        None, with nothing counted, where one of `ids` is neither resident nor loading (`start`
+        found no room), has no native form, or the layouts differ (one mlps call takes a group)."""
         lc = self.layers[layer]
-        slots = self._landed(lc, sorted(ids))
-        if slots is None or any(slot.layout is not slots[0].layout for slot in slots):
+        if any(e not in lc.where for e in ids):
             return None
-        try:
-            for slot in slots:
-                if slot.native is None:
-                    slot.native = native_mlp(self._ready(lc, slot, layer), len(ids)) or False
-        except BaseException:  # a failed load: the step ends here, as experts_for's would
-            self._release(lc)
-            raise
+        slots = [lc.slots[lc.where[e]] for e in ids]
+        if any(slot.layout is not slots[0].layout for slot in slots):
+            return None
+        for slot, e in zip(slots, ids):
+            if slot.native is None:  # views into the slot: built before its bytes land
+                if slot.module is None:
+                    slot.module = expert_from_buffer(self.layouts[(layer, e)], slot.buf, self.hidden, self.width)
+                slot.native = native_mlp(slot.module, len(ids)) or False
         if any(slot.native is False for slot in slots):
             return None
-        by_id = {slot.expert: slot.native for slot in self._use(lc, layer, slots)}
-        return [by_id[e] for e in ids]
+        return self._as_landed(lc, layer, slots)
+
+    def _as_landed(self, lc: LayerCache, layer: int, slots: list[Slot]) -> Iterator[tuple[list[int], list]]:
+        self._take(lc, slots)  # on the first next(): a generator never started holds nothing
+        try:
+            first = [a for a, slot in enumerate(slots) if Loader.done(slot.handle)]
+            rest = deque(a for a, slot in enumerate(slots) if a not in first)
+            for a in first:
+                self._ready(lc, slots[a], layer)  # a failed load raises here
+            if first:
+                yield first, [slots[a].native for a in first]
+            while rest:
+                a = next((a for a in rest if Loader.done(slots[a].handle)), rest[0])
+                rest.remove(a)
+                self._ready(lc, slots[a], layer)
+                yield [a], [slots[a].native]
+        finally:
+            self._release(lc)
 
     def _landed(self, lc: LayerCache, ids: list[int]) -> list[Slot] | None:
         slots = []
@@ -351,7 +375,18 @@ class ExpertCache:
 
     def _use(self, lc: LayerCache, layer: int, slots: list[Slot]) -> list[Slot]:
         """What experts_for(hold=True) does for landed experts, from the hit counts to closing."""
-        lc.pinned.update(slot.expert for slot in slots)  # before any prefetch is issued, as there
+        self._take(lc, slots)
+        try:
+            for slot in slots:
+                self._ready(lc, slot, layer)
+        finally:
+            self._release(lc)
+        return slots
+
+    def _take(self, lc: LayerCache, slots: list[Slot]) -> None:
+        """A step's experts, resident or loading (a miss `start` issued): pinned before any
+        prefetch is issued (as in experts_for), counted and touched; on failure let go."""
+        lc.pinned.update(slot.expert for slot in slots)
         try:
             self._record_prediction(lc, [slot.expert for slot in slots])
             for slot in slots:
@@ -363,11 +398,9 @@ class ExpertCache:
                 slot.prefetched = False
                 lc.policy.touch(slot.expert)
             self._issue_prefetches()
-            for slot in slots:
-                self._ready(lc, slot, layer)
-        finally:
+        except BaseException:
             self._release(lc)
-        return slots
+            raise
 
     def _release(self, lc: LayerCache) -> None:
         """A layer's call has ended: its pins and started loads are let go, its stale
@@ -421,9 +454,9 @@ class LayerExperts:
     def start(self, ids: list[int]) -> None:
         self.cache.start(self.layer, ids)
 
-    def native_hits(self, ids: list[int]) -> list | None:
-        """For a native MLP step (quant.decode_steps): see ExpertCache.native_hits."""
-        return self.cache.native_hits(self.layer, ids)
+    def native_parts(self, ids: list[int]) -> Iterator[tuple[list[int], list]] | None:
+        """For a native MLP step (quant.decode_steps): see ExpertCache.native_parts."""
+        return self.cache.native_parts(self.layer, ids)
 
     def apply(self, inputs: ExpertInput, ids: list[int]) -> torch.Tensor:
         """[A, D] for one decode row: when all have landed, in one call, as resident experts

@@ -1,8 +1,9 @@
 """Replacement policies for one layer's slots: small objects, so they can be compared on
 recorded routing traces (bench/trace.py).
 
-The cache calls `touch(e)` when expert e is used or loaded, `victim(candidates)` for the
-one to evict among the unpinned residents, and `forget(e)` once e has left its slot.
+The cache calls `touch(e)` when expert e is used or loaded for a use, `admit(e)` when a
+prefetch loads it (a guess, not a use), `victim(candidates)` for the one to evict among the
+unpinned residents, and `forget(e)` once e has left its slot.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ class LRU:
 
     def forget(self, expert: int) -> None:
         self._order.pop(expert, None)
+
+    def admit(self, expert: int) -> None:
+        """Resident without a use (a prefetch): ranked by its past uses alone and behind every
+        equal one, so a guess that is never used goes before anything that was."""
+        self._order[expert] = None
+        self._order.move_to_end(expert, last=False)
 
     def victim(self, candidates: Iterable[int]) -> int | None:
         """The lowest-ranked candidate; ties (and LRU itself) go to the least recently used."""
@@ -86,6 +93,10 @@ class LFUDA(LRU):
         self.uses[expert] += 1
         self.key[expert] = self.age + self.uses[expert]
 
+    def admit(self, expert: int) -> None:
+        super().admit(expert)
+        self.key.setdefault(expert, self.age)
+
     def forget(self, expert: int) -> None:
         super().forget(expert)
         self.age = self.key.pop(expert, self.age)
@@ -114,6 +125,10 @@ class LRFU(LRU):
         super().touch(expert)
         self.clock += 1
         self.key[expert] = math.log2(1.0 + self.rank(expert)) + self.rate * self.clock
+
+    def admit(self, expert: int) -> None:
+        super().admit(expert)
+        self.key.setdefault(expert, -math.inf)  # no past use: rank 0
 
     def rank(self, expert: int) -> float:
         key = self.key.get(expert)

@@ -74,12 +74,26 @@ class NativeSteps:
         picked = ids.tolist()[0]
         experts.start(picked)  # their loads overlap the shared experts
         shared = self.mlp.shared(flat, xb)
-        held = getattr(experts, "native_hits", None)  # an offloading provider's landed hits
-        mlps = held(picked) if held is not None else None
-        if mlps is not None:
-            return self.mlp.finish(x, weights, xb, mlps, shared)
+        parts = getattr(experts, "native_parts", None)  # an offloading provider's, as they land
+        groups = parts(picked) if parts is not None else None
+        if groups is not None:
+            return self._finish(x, weights, xb, shared, groups, len(picked))
         ys = experts.apply(ExpertInput(flat, {torch.bfloat16: xb}), picked)  # [A, D]
         return self.mlp.combine(x, weights, ys, shared)
+
+    def _finish(self, x, weights, xb, shared, groups, A: int) -> torch.Tensor:
+        """combine() of the routed experts' rows, one native call per group as they land
+        (all landed: finish, the resident step's one call)."""
+        try:
+            rows: list = [None] * A
+            for positions, mlps in groups:
+                if len(positions) == A:
+                    return self.mlp.finish(x, weights, xb, mlps, shared)
+                for a, row in zip(positions, self.mlp.rows(xb, mlps).split(1)):
+                    rows[a] = row
+        finally:
+            groups.close()
+        return self.mlp.combine(x, weights, torch.cat(rows), shared)
 
 
 def _hook_dicts(*modules: nn.Module) -> tuple[dict, ...]:
