@@ -13,6 +13,10 @@ import ctypes.util
 import functools
 import mmap
 
+HUGE_PAGE = 2 * 2**20  # x86-64's transparent huge page
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
+
 
 @functools.lru_cache(maxsize=1)
 def _libc():
@@ -43,11 +47,9 @@ def release_pages(buf) -> bool:
     if libc is None or buf.device.type != "cpu" or not hasattr(mmap, "MADV_DONTNEED") \
             or start % mmap.PAGESIZE or size % mmap.PAGESIZE:
         return False
+    # no huge pages here again (see huge_pages): khugepaged would refill the range with zeros
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), MADV_NOHUGEPAGE)
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), mmap.MADV_DONTNEED) == 0
-
-
-HUGE_PAGE = 2 * 2**20  # x86-64's transparent huge page
-MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 
 
 def huge_pages(buf) -> bool:

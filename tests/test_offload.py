@@ -10,6 +10,7 @@ import torch
 from moe_edge.api import load, load_offloaded
 from moe_edge.errors import ConfigError
 from moe_edge.model.layers import MLP
+from moe_edge.offload import cache as cache_mod
 from moe_edge.offload.cache import ExpertCache
 from moe_edge.offload.plan import parse_size
 from moe_edge.offload.store import RamStore, pack_expert
@@ -383,6 +384,56 @@ def test_landed_hits_are_pinned_against_a_queued_prefetch():
     s = cache.stats().layers[1]
     assert (s.hits, s.misses) == (2, 2)
     cache.close()
+
+
+def native_step(cache, ids):
+    """The experts `native_parts` hands a native step, in the order it hands them."""
+    return [ids[a] for positions, _ in cache.native_parts(1, ids) for a in positions]
+
+
+def test_native_parts_count_and_let_go_as_experts_for_does(monkeypatch):
+    """A step through `native_parts` (after `start`) counts, touches and reads what the same
+    step through `experts_for(hold=True)` does, and leaves nothing pinned or started."""
+    monkeypatch.setattr(cache_mod, "native_mlp", lambda mlp, k: object())  # any expert runs natively
+    counts = []
+    for step in (lambda c, ids: run(c, sorted(ids)), native_step):
+        cache, store = tiny_cache(slots=3, threaded=True, reads=2)
+        for ids in ([0, 1], [1, 2], [3, 0], [2, 3, 1], [4]):
+            cache.start(1, ids)
+            assert sorted(step(cache, ids)) == sorted(ids)
+            assert not cache.layers[1].pinned and not cache.layers[1].started
+        cache.close()
+        s = cache.stats().layers[1]
+        counts.append((s.hits, s.misses, sorted(store.loads), cache.resident(1), cache.layers[1].policy.order()))
+    assert counts[0] == counts[1]
+
+
+def test_a_needed_experts_queued_prefetch_is_read_before_other_guesses(monkeypatch):
+    """One reader, busy: a step's expert whose prefetch is still queued becomes a demand load
+    and is read before the guesses queued ahead of it, as `request` does."""
+    monkeypatch.setattr(cache_mod, "native_mlp", lambda mlp, k: object())
+    gate = threading.Event()
+    cache, store = tiny_cache(slots=4, gate=gate, threaded=True, reads=1)
+    cache.schedule_prefetch(1, [1, 2, 3], now=True)  # 1 is read (held at the gate), 2 and 3 queue
+    while not cache.layers[1].slots[cache.layers[1].where[1]].handle.running():
+        time.sleep(0.001)
+    cache.start(1, [3])
+    threading.Timer(0.05, gate.set).start()  # once the step has asked for 3
+    assert native_step(cache, [3]) == [3]
+    cache.close()
+    assert store.loads[:2] == [1, 3]
+
+
+def test_a_failed_native_form_lets_the_step_go(monkeypatch):
+    """Building the native experts fails: the step ends, and what `start` pinned is let go."""
+    def broken(mlp, k):
+        raise RuntimeError("no native form")
+    monkeypatch.setattr(cache_mod, "native_mlp", broken)
+    cache, _ = tiny_cache(slots=3)
+    cache.start(1, [0, 1])
+    with pytest.raises(RuntimeError, match="no native form"):
+        cache.native_parts(1, [0, 1])
+    assert not cache.layers[1].pinned and not cache.layers[1].started
 
 
 def test_a_stream_leaves_resident_what_its_last_tokens_used():

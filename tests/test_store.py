@@ -188,6 +188,20 @@ def test_the_slot_pool_is_advised_huge_pages():
     assert "hg" in vm_flags(bufs[1].data_ptr())
 
 
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                    reason="no transparent huge pages")
+def test_a_slot_given_up_leaves_the_huge_pages():
+    """A slot given back to the OS (KVRoom) is marked no-huge-pages first (VmFlags `nh`), so
+    khugepaged cannot refill it with zeros while its neighbours stay on huge pages."""
+    from moe_edge.memory import release_pages
+    bufs = store_mod.slot_buffers(1024 * store_mod.PAGE, 3, torch.device("cpu"))
+    for b in bufs:
+        b.fill_(1)
+    assert release_pages(bufs[1])
+    assert "nh" in vm_flags(bufs[1].data_ptr()) and "hg" in vm_flags(bufs[0].data_ptr() + bufs[0].numel() // 2)
+    assert int(bufs[1].sum()) == 0  # the pages went back: they read as zeros
+
+
 def vm_flags(address: int) -> list[str]:
     """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
     inside = False

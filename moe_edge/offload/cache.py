@@ -338,17 +338,23 @@ class ExpertCache:
         slots = [lc.slots[lc.where[e]] for e in ids]
         if any(slot.layout is not slots[0].layout for slot in slots):
             return None
-        for slot, e in zip(slots, ids):
-            if slot.native is None:  # views into the slot: built before its bytes land
-                if slot.module is None:
-                    slot.module = expert_from_buffer(self.layouts[(layer, e)], slot.buf, self.hidden, self.width)
-                slot.native = native_mlp(slot.module, len(ids)) or False
+        try:
+            for slot, e in zip(slots, ids):
+                if slot.native is None:  # views into the slot: built before its bytes land
+                    if slot.module is None:
+                        slot.module = expert_from_buffer(self.layouts[(layer, e)], slot.buf, self.hidden, self.width)
+                    slot.native = native_mlp(slot.module, len(ids)) or False
+        except BaseException:  # the step ends here: what `start` pinned is let go
+            self._release(lc)
+            raise
         if any(slot.native is False for slot in slots):
             return None
         return self._as_landed(lc, layer, slots)
 
     def _as_landed(self, lc: LayerCache, layer: int, slots: list[Slot]) -> Iterator[tuple[list[int], list]]:
-        self._take(lc, slots)  # on the first next(): a generator never started holds nothing
+        # counted and touched in expert order, as experts_for(sorted(ids)) does; on the first
+        # next(): a generator never started holds nothing
+        self._take(lc, layer, sorted(slots, key=lambda slot: slot.expert))
         try:
             first = [a for a, slot in enumerate(slots) if Loader.done(slot.handle)]
             rest = deque(a for a, slot in enumerate(slots) if a not in first)
@@ -375,7 +381,7 @@ class ExpertCache:
 
     def _use(self, lc: LayerCache, layer: int, slots: list[Slot]) -> list[Slot]:
         """What experts_for(hold=True) does for landed experts, from the hit counts to closing."""
-        self._take(lc, slots)
+        self._take(lc, layer, slots)
         try:
             for slot in slots:
                 self._ready(lc, slot, layer)
@@ -383,9 +389,10 @@ class ExpertCache:
             self._release(lc)
         return slots
 
-    def _take(self, lc: LayerCache, slots: list[Slot]) -> None:
+    def _take(self, lc: LayerCache, layer: int, slots: list[Slot]) -> None:
         """A step's experts, resident or loading (a miss `start` issued): pinned before any
-        prefetch is issued (as in experts_for), counted and touched; on failure let go."""
+        prefetch is issued (as in experts_for), counted and touched, a prefetch of one still
+        queued made a demand load (as `request` does); on failure let go."""
         lc.pinned.update(slot.expert for slot in slots)
         try:
             self._record_prediction(lc, [slot.expert for slot in slots])
@@ -393,6 +400,8 @@ class ExpertCache:
                 if slot.expert in lc.started:  # a miss `start` loaded (and counted) this step
                     lc.started.discard(slot.expert)
                     continue
+                if slot.prefetched and self._cancel(slot):  # not behind the other guesses
+                    slot.handle = self.loader.start(self.index_of(layer, slot.expert), slot.buf)
                 lc.stats.hits += 1
                 lc.stats.prefetch_used += slot.prefetched
                 slot.prefetched = False
