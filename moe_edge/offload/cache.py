@@ -117,15 +117,8 @@ class ExpertCache:
         lc = self.layers[layer]
         if expert in lc.where:
             slot = lc.slots[lc.where[expert]]
-            if not prefetch and expert in lc.started:  # its miss was counted when it started
-                lc.started.discard(expert)
-            elif not prefetch:
-                if slot.prefetched and self._cancel(slot):  # still queued: now a demand load
-                    slot.handle = self.loader.start(self.index_of(layer, expert), slot.buf)
-                lc.stats.hits += 1
-                lc.stats.prefetch_used += slot.prefetched
-                slot.prefetched = False
-                lc.policy.touch(expert)
+            if not prefetch:
+                self._asked_for(lc, layer, slot)
             return slot
         i = self._victim(lc, prefetch)
         if i is None:
@@ -134,6 +127,20 @@ class ExpertCache:
             raise RuntimeError(f"layer {layer}: every one of {len(lc.slots)} slots is pinned; the "
                                "cache needs at least top-k slots per layer")
         return self._load_into(layer, lc, i, expert, prefetch)
+
+    def _asked_for(self, lc: LayerCache, layer: int, slot: Slot) -> None:
+        """A step asks for the resident (or loading) expert in `slot`: a hit, counted and
+        touched, its prefetch made a demand load if still queued; or, loaded by `start` this
+        step, a miss counted already."""
+        if slot.expert in lc.started:
+            lc.started.discard(slot.expert)
+            return
+        if slot.prefetched and self._cancel(slot):  # still queued: not behind the other guesses
+            slot.handle = self.loader.start(self.index_of(layer, slot.expert), slot.buf)
+        lc.stats.hits += 1
+        lc.stats.prefetch_used += slot.prefetched
+        slot.prefetched = False
+        lc.policy.touch(slot.expert)
 
     def _load_into(self, layer: int, lc: LayerCache, i: int, expert: int, prefetch: bool) -> Slot:
         slot = lc.slots[i]
@@ -391,21 +398,13 @@ class ExpertCache:
 
     def _take(self, lc: LayerCache, layer: int, slots: list[Slot]) -> None:
         """A step's experts, resident or loading (a miss `start` issued): pinned before any
-        prefetch is issued (as in experts_for), counted and touched, a prefetch of one still
-        queued made a demand load (as `request` does); on failure let go."""
+        prefetch is issued (as in experts_for), each asked for as `request` does; on failure
+        let go."""
         lc.pinned.update(slot.expert for slot in slots)
         try:
             self._record_prediction(lc, [slot.expert for slot in slots])
             for slot in slots:
-                if slot.expert in lc.started:  # a miss `start` loaded (and counted) this step
-                    lc.started.discard(slot.expert)
-                    continue
-                if slot.prefetched and self._cancel(slot):  # not behind the other guesses
-                    slot.handle = self.loader.start(self.index_of(layer, slot.expert), slot.buf)
-                lc.stats.hits += 1
-                lc.stats.prefetch_used += slot.prefetched
-                slot.prefetched = False
-                lc.policy.touch(slot.expert)
+                self._asked_for(lc, layer, slot)
             self._issue_prefetches()
         except BaseException:
             self._release(lc)

@@ -162,8 +162,9 @@ def mlp_step(layer: DecoderLayer, top_k: int):
         return None, False
     experts = mlp.experts  # resident int4 experts run inside the step; others (offloaded) around it
     routed = list(experts) if type(experts) is QuantResidentExperts else []
-    if not all(_fits_mlp(e) and runs_together(e, top_k) for e in routed) or not _same_shapes(routed):
-        routed = []
+    natives = [native_mlp(e, top_k) for e in routed]
+    if any(n is None for n in natives) or not _same_shapes(routed):
+        natives = []
     shared, gate = mlp.shared_experts, mlp.shared_expert_gate
     if shared is not None and not _fits_mlp(shared):
         return None, False
@@ -172,7 +173,7 @@ def mlp_step(layer: DecoderLayer, top_k: int):
         return None, False
     return steps.MlpStep(weight, eps, mlp.gate.weight.detach(), top_k, mlp.gate.renormalize,
                          _mlp(shared) if shared is not None else None,
-                         gate.weight.detach() if gate is not None else None, [_mlp(e) for e in routed]), bool(routed)
+                         gate.weight.detach() if gate is not None else None, natives), bool(natives)
 
 
 def native_mlp(mlp, top_k: int):
