@@ -4,6 +4,12 @@
 
 Greedy decoding with EOS disabled, so every run generates exactly --new-tokens tokens.
 The median of --repeats runs is reported, after one warm-up run.
+
+    python bench/decode.py build/deepseek-16b-synthetic-gptq --kernels bf16,int8,int8:65536
+
+--kernels alternates the native int4 kernel's variants in one process, each repeat running
+each in turn (the machines drift: compare within a run): dot products (bf16, int8), and
+after a colon the bytes it prefetches ahead (default: this CPU's choice, quant/native.py).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--lm-head", choices=["auto", "int8", "stored"], default="auto",
                     help="the lm_head as load_model takes it (see quant/int8.py)")
+    ap.add_argument("--kernels", default=None, help="native kernel variants to alternate, e.g. bf16,int8:0")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,6 +56,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, model.config.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
     run_once(model, prompt[:16], 4)  # warm-up
+    if args.kernels:
+        print(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
+                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                          "kernels": alternated(model, prompt, args), "machine": machine()}))
+        return
     runs = [run_once(model, prompt, args.new_tokens) for _ in range(args.repeats)]
     print(json.dumps({
         "model": args.model, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
@@ -59,6 +71,26 @@ def main() -> None:
         "rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
         "machine": machine(),
     }))
+
+
+def alternated(model, prompt: list[int], args) -> dict:
+    """Decode and prefill tok/s (median, and every run) of each --kernels variant, alternated."""
+    from moe_edge.quant import native
+    assert native.available(), "the native kernel does not run here"
+    variants = args.kernels.split(",")
+    runs: dict[str, list] = {v: [] for v in variants}
+    try:
+        for _ in range(args.repeats):
+            for v in variants:
+                dots, _, ahead = v.partition(":")
+                native.configure(dots, int(ahead) if ahead else None)
+                runs[v].append(run_once(model, prompt, args.new_tokens))
+    finally:
+        native.configure()
+    return {v: {"decode_tps": round(statistics.median(r["decode_tps"] for r in rs), 2),
+                "decode_runs": [round(r["decode_tps"], 2) for r in rs],
+                "prefill_tps": round(statistics.median(r["prefill_tps"] for r in rs), 1)}
+            for v, rs in runs.items()}
 
 
 if __name__ == "__main__":

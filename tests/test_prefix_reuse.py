@@ -83,8 +83,9 @@ def test_logits_after_reuse_equal_a_full_prefill(request, exact, resident, where
     """Keys and values left by decode steps, by a prompt that diverges halfway (truncated
     there), or by the very same prompt (its last token fed again) give a full prefill's
     logits: to fp32 rounding when every kernel is fp32; with the default int4 kernels and
-    bf16 KV cache within the bf16 rounding that separates any decode step from a prefill
-    (the activations enter them as bf16, the cache keeps keys in bf16), with the same argmax."""
+    bf16 KV cache within the rounding that separates any decode step from a prefill (the
+    activations enter them as bf16, or as int8 where the native kernel's int8 variant runs,
+    and the cache keeps keys in bf16), with the same argmax."""
     model = exact[where] if kernels == "fp32" else request.getfixturevalue(where).model
     ids = resident.encode(TEXT)
     cache = PrefixCache(model)
@@ -106,8 +107,10 @@ def test_logits_after_reuse_equal_a_full_prefill(request, exact, resident, where
     ref = full_prefill(model, ids)
     if kernels == "fp32" or (cached != "decoded" and model.kv_dtype == model.dtype):
         assert torch.allclose(logits, ref, atol=1e-4, rtol=1e-5), (logits - ref).abs().max()
-    else:
-        assert (logits - ref).norm() / ref.norm() < 1e-2
+    else:  # bf16 activations: under 1%; int8 ones: 1.4% at most here
+        from moe_edge.quant import native
+        int8 = native.available() and native.dots() == "int8"
+        assert (logits - ref).norm() / ref.norm() < (3e-2 if int8 else 1e-2)
     assert logits.argmax() == ref.argmax()
 
 

@@ -306,6 +306,33 @@ def test_int8_lm_head_rounds_each_weight_to_its_row_step():
     assert rel_err(head(x), F.linear(x, w)) < 1e-2 and head(x).shape == (3, 5, 300)
 
 
+def test_int8_lm_head_native_kernel_is_the_product_of_its_int16_input():
+    """On a CPU with VNNI the head runs moe-edge's kernel: x scaled to int16 per row (nearest
+    even), exact integer dot products, fp32 out; so within fp32 rounding of that product in
+    float64, far closer to the exact head than PyTorch's bf16-input kernel, every row alone."""
+    from moe_edge.quant import native
+    from moe_edge.quant.int8 import Int8Linear
+    if not native.CPU_FLAGS <= native.cpu_flags():
+        pytest.skip("CPU without the native kernel's instructions")
+    head = Int8Linear(torch.randn(1000, 512) * torch.rand(1000, 1))
+    assert head.native
+    x = torch.randn(5, 512) * torch.tensor([[1.0], [1e-3], [1e3], [0.0], [1.0]])
+    x[4, 7] = 200  # one large input among small ones
+    y = head(x)
+    assert y.dtype == torch.float32 and y.shape == (5, 1000)
+    top = x.abs().amax(1, keepdim=True)
+    xq = torch.round(x * torch.where(top > 0, torch.full_like(top, 32767) / top, 0))
+    ref = (xq.double() * (top / 32767).double()) @ (head.weight_int8.double() * head.scales.double()[:, None]).T
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    assert torch.equal(y[3], torch.zeros(1000))
+    for r in range(5):
+        assert torch.equal(head(x[r:r + 1]), y[r:r + 1])
+    exact = x.double() @ (head.weight_int8.double() * head.scales.double()[:, None]).T
+    head.__dict__["_native"] = False
+    theirs = head(x)
+    assert rel_err(y, exact) < 1e-4 < rel_err(theirs, exact)
+
+
 def test_int8_lm_head_load_option(gptq_ckpt):
     """load(lm_head="int8") swaps the checkpoint's head for an Int8Linear, close to it; info
     and the offload plan count its bytes alike; unknown values are refused by name."""

@@ -16,6 +16,18 @@
 // against 99.99-100% for PyTorch's kernel, which pays in speed on streamed weights). Exact
 // alternatives (a lookup of bf16 q - 8, or 1 + q/16) decode the 16B shape 15-20% slower.
 
+// The int8 variant (configure(INT8, ...)), for CPUs where the bf16 variant's shuffles and dot
+// products cost more than the weights take to stream (the AMD EPYC). Each group of g inputs
+// of a row is quantised to int8, x ~ dx xq (dx = max|x| / 127, round to nearest even), as
+// llama.cpp quantises activations to Q8. One two-source byte permute (VPERMI2B) turns four
+// input rows of a block into the four nibbles of 16 columns per 32-bit lane; VPDPBUSD sums
+// q_k xq_k over them, exactly, in int32. Per group and column:
+//   y += s dx D + (zero - 8 s) dx sum_k xq_k
+// which is sum_k (dx xq_k) ((q_k - 8) s + zero): the kernel's weight times the quantised x.
+// Half the shuffles and dot products of the bf16 variant per weight byte (1.5x its rate on
+// weights in the caches, AMD EPYC); the error is the activations' 8-bit rounding (~0.3-0.7%
+// relative on random rows against ~0.2% for the bf16 variant).
+
 // Every row is computed the same way whatever else is in the call (other rows, other
 // weights, thread count): same chains, same order. So one expert's output is bit for bit the
 // same alone or batched, which the tests rely on.
@@ -35,83 +47,152 @@
 namespace {
 
 constexpr int64_t BLOCK = 64;  // output columns per block of the packed layout
-// Bytes ahead in a thread's weight stream, into the L2 (at most a block): on 2816x2048
-// weights streamed at a 2-thread decode (ad-hoc timings like bench/kernels.py's streaming
-// rows), 13.8-16.6 GB/s against 8-12 with 8 KiB into the L1 and 9.4-11 with none; the
-// hardware's own prefetchers stop at every 4 KiB page.
-constexpr int64_t PREFETCH = 65536;
 constexpr int64_t SERIAL_BYTES = 131072;  // weight bytes x row pairs below which a call runs on one thread
+
+// Set once per process by quant/native.py (configure), from the CPU. `prefetch`: bytes ahead
+// in a thread's weight stream, into the L2 (at most a block; 0: none). On weights in 4 KiB
+// pages, where the hardware's prefetchers stop at every page, 64 KiB ahead streamed 13.8-16.6
+// GB/s against 9.4-11 with none (Intel Xeon, 2 threads); on the AMD EPYC, weights on huge
+// pages (as a loaded model's are), software prefetches cost more than they save.
+enum Dots : int64_t { BF16 = 0, INT8 = 1 };
+int64_t dots = BF16, prefetch = 65536;
 
 struct Job {  // one weight of a call
   const uint8_t* w;       // [N/64, K, 32]
   const uint32_t* sz;     // [K/g, N] pairs of bf16 (s, zero) as 32-bit words
   const uint16_t* x;      // [M, K] bf16
-  const float* xsum;      // [M, K/g]
+  const int8_t* xq;       // [M, K] int8 (INT8: x ~ dx xq)
+  const float* dx;        // [M, K/g] (INT8)
+  const float* xsum;      // [M, K/g]: sum of x (BF16), of dx xq (INT8)
   uint16_t* y;            // [M, N] bf16
   int64_t M, N, K;
 };
 
+// Prefetch the byte `ahead` bytes past p in a thread's stream: p's block ends at `end`, the
+// thread's next block (if any) starts at `next`.
+inline void prefetch_ahead(const uint8_t* p, int64_t ahead, const uint8_t* end, const uint8_t* next,
+                           int64_t next_bytes) {
+  const int64_t over = p + ahead - end;  // past this block: into the next, if that far
+  const uint8_t* a = over < 0 ? p + ahead : over < next_bytes ? next + over : nullptr;
+  if (a) _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T2);
+}
+
 inline __m512 bf16_lo(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 inline __m512 bf16_hi(__m512i v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u)))); }
 
-// Columns n0..n0+63 of rows m0..m0+R-1 of one job.
-template <int R>
-void block_rows(const Job& j, int64_t n0, int64_t m0, int64_t g, const uint8_t* next, int64_t next_bytes) {
-  alignas(64) static const uint8_t idx_bytes[2][64] = {
-#define Q(i) uint8_t(i), 0, uint8_t(32 + (i)), 0  // (odd bytes: zeroed by the mask)
-      {Q(0), Q(1), Q(2), Q(3), Q(4), Q(5), Q(6), Q(7), Q(8), Q(9), Q(10), Q(11), Q(12), Q(13), Q(14), Q(15)},
-      {Q(16), Q(17), Q(18), Q(19), Q(20), Q(21), Q(22), Q(23), Q(24), Q(25), Q(26), Q(27), Q(28), Q(29), Q(30), Q(31)},
-#undef Q
+// The bf16 variant's dot products: bf16 128 + q, two chains per column subtile (even and
+// odd pairs of inputs).
+struct Bf16Dots {
+  static constexpr float OFFSET = 136.f;  // 128 + 8: y += s D + (zero - OFFSET s) sum(x)
+  struct Acc {
+    __m512 chain[2];
   };
-  const __m512i idx0 = _mm512_load_si512(idx_bytes[0]), idx1 = _mm512_load_si512(idx_bytes[1]);
-  const __m512i high = _mm512_set1_epi8(0x43), nib = _mm512_set1_epi8(0x0F);
-  const __mmask64 even = 0x5555555555555555ull;  // low bytes of the bf16 lanes: from the weight
+  static void zero(Acc& a) { a.chain[0] = a.chain[1] = _mm512_setzero_ps(); }
+  // Inputs k..k+3 (the 128 bytes at p) into acc[r][s] for rows r of x from x_at (row 0, input k).
+  template <int R>
+  static void step(const uint8_t* p, const Job& j, int64_t x_at, Acc (&acc)[R][4]) {
+    alignas(64) static const uint8_t idx_bytes[2][64] = {
+#define Q(i) uint8_t(i), 0, uint8_t(32 + (i)), 0  // (odd bytes: zeroed by the mask)
+        {Q(0), Q(1), Q(2), Q(3), Q(4), Q(5), Q(6), Q(7), Q(8), Q(9), Q(10), Q(11), Q(12), Q(13), Q(14), Q(15)},
+        {Q(16), Q(17), Q(18), Q(19), Q(20), Q(21), Q(22), Q(23), Q(24), Q(25), Q(26), Q(27), Q(28), Q(29), Q(30), Q(31)},
+#undef Q
+    };
+    const __m512i idx0 = _mm512_load_si512(idx_bytes[0]), idx1 = _mm512_load_si512(idx_bytes[1]);
+    const __m512i high = _mm512_set1_epi8(0x43), nib = _mm512_set1_epi8(0x0F);
+    const __mmask64 even = 0x5555555555555555ull;  // low bytes of the bf16 lanes: from the weight
+#pragma GCC unroll 2
+    for (int c = 0; c < 2; ++c) {
+      const __m512i v = _mm512_loadu_si512(p + 64 * c);  // inputs k+2c, k+2c+1
+      const __m512i lo = _mm512_and_si512(v, nib);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      const __m512i w4[4] = {  // bf16 128 + q of 16 columns x 2 inputs each
+          _mm512_mask_permutexvar_epi8(high, even, idx0, lo), _mm512_mask_permutexvar_epi8(high, even, idx1, lo),
+          _mm512_mask_permutexvar_epi8(high, even, idx0, hi), _mm512_mask_permutexvar_epi8(high, even, idx1, hi)};
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;  // (x_k, x_k+1) as one 32-bit word
+        std::memcpy(&pair, j.x + x_at + r * j.K + 2 * c, sizeof pair);
+        const __m512i xp = _mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s)
+          acc[r][s].chain[c] = _mm512_dpbf16_ps(acc[r][s].chain[c], (__m512bh)w4[s], (__m512bh)xp);
+      }
+    }
+  }
+  // D = sum_k x_k (128 + q_k) of a group, fp32; i: row x group
+  static __m512 dot(const Acc& a, const Job&, int64_t) { return _mm512_add_ps(a.chain[0], a.chain[1]); }
+};
+
+// The int8 variant's (see the top of the file): q against int8 x, exact in int32.
+struct Int8Dots {
+  static constexpr float OFFSET = 8.f;
+  using Acc = __m512i;  // at most g * 15 * 127 * 4 per lane: exact for any group size in use
+  static void zero(Acc& a) { a = _mm512_setzero_si512(); }
+  template <int R>
+  static void step(const uint8_t* p, const Job& j, int64_t x_at, Acc (&acc)[R][4]) {
+    alignas(64) static const uint8_t idx_bytes[2][64] = {  // lane n: byte n of inputs k, k+1, k+2, k+3
+#define Q(i) uint8_t(i), uint8_t(32 + (i)), uint8_t(64 + (i)), uint8_t(96 + (i))
+        {Q(0), Q(1), Q(2), Q(3), Q(4), Q(5), Q(6), Q(7), Q(8), Q(9), Q(10), Q(11), Q(12), Q(13), Q(14), Q(15)},
+        {Q(16), Q(17), Q(18), Q(19), Q(20), Q(21), Q(22), Q(23), Q(24), Q(25), Q(26), Q(27), Q(28), Q(29), Q(30), Q(31)},
+#undef Q
+    };
+    const __m512i idx0 = _mm512_load_si512(idx_bytes[0]), idx1 = _mm512_load_si512(idx_bytes[1]);
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64);  // inputs k, k+1; k+2, k+3
+    const __m512i alo = _mm512_and_si512(a, nib), blo = _mm512_and_si512(b, nib);
+    const __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib);
+    const __m512i bhi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+    const __m512i w4[4] = {  // q of 16 columns x 4 inputs each
+        _mm512_permutex2var_epi8(alo, idx0, blo), _mm512_permutex2var_epi8(alo, idx1, blo),
+        _mm512_permutex2var_epi8(ahi, idx0, bhi), _mm512_permutex2var_epi8(ahi, idx1, bhi)};
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      int32_t quad;  // xq_k .. xq_k+3
+      std::memcpy(&quad, j.xq + x_at + r * j.K, sizeof quad);
+      const __m512i xp = _mm512_set1_epi32(quad);
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_dpbusd_epi32(acc[r][s], w4[s], xp);
+    }
+  }
+  // dx sum_k xq_k q_k, fp32
+  static __m512 dot(const Acc& a, const Job& j, int64_t i) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(j.dx[i]));
+  }
+};
+
+// Columns n0..n0+63 of rows m0..m0+R-1 of one job, with dot products D.
+template <int R, class D>
+void block_rows(const Job& j, int64_t n0, int64_t m0, int64_t g, const uint8_t* next, int64_t next_bytes) {
   const int64_t K = j.K, groups = K / g;
   const uint8_t* w = j.w + n0 * K / 2;  // this block's [K, 32]
   const uint8_t* end = w + K * 32;  // past it, prefetch from the start of the thread's next block
   // at most a block ahead: a block's start is then fetched while the one before it runs
-  const int64_t ahead_bytes = std::min(PREFETCH, K * 32);
+  const int64_t ahead_bytes = std::min(prefetch, K * 32);
   __m512 y[R][4];
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < 4; ++s) y[r][s] = _mm512_setzero_ps();
   for (int64_t gi = 0; gi < groups; ++gi) {
-    __m512 acc[R][4][2];  // two chains per column subtile: even and odd pairs of inputs
+    typename D::Acc acc[R][4];
     for (int r = 0; r < R; ++r)
-      for (int s = 0; s < 4; ++s) acc[r][s][0] = acc[r][s][1] = _mm512_setzero_ps();
+      for (int s = 0; s < 4; ++s) D::zero(acc[r][s]);
     const uint8_t* wg = w + gi * g * 32;
-    const uint16_t* xg = j.x + m0 * K + gi * g;
     for (int64_t k = 0; k < g; k += 4) {
-#pragma GCC unroll 2
-      for (int c = 0; c < 2; ++c) {
-        const uint8_t* p = wg + (k + 2 * c) * 32;
-        const int64_t over = p + ahead_bytes - end;  // past this block: into the next, if that far
-        const uint8_t* ahead = over < 0 ? p + ahead_bytes : over < next_bytes ? next + over : nullptr;
-        if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T2);
-        const __m512i v = _mm512_loadu_si512(p);  // rows k+2c, k+2c+1
-        const __m512i lo = _mm512_and_si512(v, nib);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        const __m512i w4[4] = {  // bf16 128 + q of 16 columns x 2 inputs each
-            _mm512_mask_permutexvar_epi8(high, even, idx0, lo), _mm512_mask_permutexvar_epi8(high, even, idx1, lo),
-            _mm512_mask_permutexvar_epi8(high, even, idx0, hi), _mm512_mask_permutexvar_epi8(high, even, idx1, hi)};
-#pragma GCC unroll 2
-        for (int r = 0; r < R; ++r) {
-          int32_t pair;  // (x_k, x_k+1) as one 32-bit word
-          std::memcpy(&pair, xg + r * K + k + 2 * c, sizeof pair);
-          const __m512i xp = _mm512_set1_epi32(pair);
-#pragma GCC unroll 4
-          for (int s = 0; s < 4; ++s) acc[r][s][c] = _mm512_dpbf16_ps(acc[r][s][c], (__m512bh)w4[s], (__m512bh)xp);
-        }
+      const uint8_t* p = wg + k * 32;
+      if (ahead_bytes) {
+        prefetch_ahead(p, ahead_bytes, end, next, next_bytes);
+        prefetch_ahead(p + 64, ahead_bytes, end, next, next_bytes);
       }
+      D::template step<R>(p, j, m0 * K + gi * g + k, acc);
     }
     const uint32_t* sz = j.sz + gi * j.N + n0;
 #pragma GCC unroll 4
     for (int s = 0; s < 4; ++s) {
       const __m512i v = _mm512_loadu_si512(sz + 16 * s);
       const __m512 sc = bf16_lo(v);
-      const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), sc, bf16_hi(v));  // zero - 136 s
+      const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(D::OFFSET), sc, bf16_hi(v));  // zero - OFFSET s
       for (int r = 0; r < R; ++r) {
-        const __m512 d = _mm512_add_ps(acc[r][s][0], acc[r][s][1]);
-        y[r][s] = _mm512_fmadd_ps(sc, d, _mm512_fmadd_ps(c, _mm512_set1_ps(j.xsum[(m0 + r) * groups + gi]), y[r][s]));
+        const int64_t i = (m0 + r) * groups + gi;
+        y[r][s] = _mm512_fmadd_ps(sc, D::dot(acc[r][s], j, i), _mm512_fmadd_ps(c, _mm512_set1_ps(j.xsum[i]), y[r][s]));
       }
     }
   }
@@ -121,10 +202,64 @@ void block_rows(const Job& j, int64_t n0, int64_t m0, int64_t g, const uint8_t* 
                           (__m256i)_mm512_cvtneps_pbh(y[r][s]));
 }
 
-void run_block(const Job& j, int64_t n0, int64_t g, const uint8_t* next, int64_t next_bytes) {
+template <class D>
+void block_all_rows(const Job& j, int64_t n0, int64_t g, const uint8_t* next, int64_t next_bytes) {
   int64_t m = 0;
-  for (; m + 2 <= j.M; m += 2) block_rows<2>(j, n0, m, g, next, next_bytes);
-  if (m < j.M) block_rows<1>(j, n0, m, g, next, next_bytes);
+  for (; m + 2 <= j.M; m += 2) block_rows<2, D>(j, n0, m, g, next, next_bytes);
+  if (m < j.M) block_rows<1, D>(j, n0, m, g, next, next_bytes);
+}
+
+void run_block(const Job& j, int64_t n0, int64_t g, const uint8_t* next, int64_t next_bytes) {
+  if (dots == INT8)
+    block_all_rows<Int8Dots>(j, n0, g, next, next_bytes);
+  else
+    block_all_rows<Bf16Dots>(j, n0, g, next, next_bytes);
+}
+
+struct Input {  // what the kernels read of one x besides x itself
+  std::vector<float> sum;  // [M, K/g]: sum of x (BF16), of dx xq (INT8)
+  std::vector<float> dx;   // [M, K/g] (INT8)
+  std::vector<int8_t> q;   // [M, K] (INT8)
+};
+
+// fp32 of 16 bf16 values
+inline __m512 bf16x16(const uint16_t* p) {
+  return bf16_lo(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+
+// Per group of g inputs of each row, in one fixed order: the fp32 sum (BF16), or the int8
+// quantisation and its sum (INT8).
+Input prepare(const at::Tensor& x, int64_t g) {
+  const int64_t M = x.size(0), K = x.size(1), n = M * (K / g);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  Input in;
+  in.sum.resize(n);
+  if (dots == BF16) {
+    for (int64_t i = 0; i < n; ++i) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < g; k += 16) a = _mm512_add_ps(a, bf16x16(xp + i * g + k));
+      in.sum[i] = _mm512_reduce_add_ps(a);
+    }
+    return in;
+  }
+  in.dx.resize(n);
+  in.q.resize(M * K);
+  for (int64_t i = 0; i < n; ++i) {
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t k = 0; k < g; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(bf16x16(xp + i * g + k)));
+    const float amax = _mm512_reduce_max_ps(top);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t k = 0; k < g; k += 16) {
+      const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(bf16x16(xp + i * g + k), inv),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(in.q.data() + i * g + k), _mm512_cvtsepi32_epi8(q));
+      total = _mm512_add_epi32(total, q);
+    }
+    in.dx[i] = amax / 127.f;
+    in.sum[i] = in.dx[i] * float(_mm512_reduce_add_epi32(total));
+  }
+  return in;
 }
 
 void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t g) {
@@ -158,28 +293,18 @@ at::Tensor int4_mm_cat(at::TensorList xs, at::TensorList ws, at::TensorList szs,
   }
   const int64_t N = ws[0].size(0);
   at::Tensor out = at::empty({rows, N}, xs[0].options());
-  std::vector<std::vector<float>> sums;
-  sums.reserve(E);
+  std::vector<Input> inputs;
+  inputs.reserve(E);
   std::vector<Job> jobs;
   std::vector<int64_t> cost{0};  // prefix sums of K x row pairs per block (bytes / 32), to split the work evenly
   int64_t row = 0;
   for (size_t e = 0; e < E; ++e) {
     const at::Tensor& x = xs[xs.size() == 1 ? 0 : e];
     const int64_t M = x.size(0), K = x.size(1);
-    if (e == 0 || xs.size() > 1) {  // per-group sums of x, fp32, in one fixed order
-      sums.emplace_back(M * (K / g));
-      const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-      float* sp = sums.back().data();
-      for (int64_t i = 0; i < M * (K / g); ++i) {
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t k = 0; k < g; k += 16)
-          a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * g + k))), 16)));
-        sp[i] = _mm512_reduce_add_ps(a);
-      }
-    }
+    if (e == 0 || xs.size() > 1) inputs.push_back(prepare(x, g));
+    const Input& in = inputs.back();
     jobs.push_back({ws[e].data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(szs[e].data_ptr()),
-                    reinterpret_cast<const uint16_t*>(x.data_ptr()), sums.back().data(),
+                    reinterpret_cast<const uint16_t*>(x.data_ptr()), in.q.data(), in.dx.data(), in.sum.data(),
                     reinterpret_cast<uint16_t*>(out.data_ptr()) + row * N, M, N, K});
     row += M;
     for (int64_t b = 0; b < N / BLOCK; ++b) cost.push_back(cost.back() + K * ((M + 1) / 2));
@@ -213,6 +338,13 @@ at::Tensor int4_mm_cat(at::TensorList xs, at::TensorList ws, at::TensorList szs,
     }
   });
   return out;
+}
+
+void configure(int64_t variant, int64_t prefetch_bytes) {
+  TORCH_CHECK(variant == BF16 || variant == INT8, "configure: dot products 0 (bf16) or 1 (int8)");
+  TORCH_CHECK(prefetch_bytes >= 0, "configure: prefetch bytes must be >= 0");
+  dots = variant;
+  prefetch = prefetch_bytes;
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t g) {
@@ -327,6 +459,11 @@ TORCH_LIBRARY(moe_edge, m) {
   m.def("mlps(Tensor x, Tensor[] gate_up, Tensor[] gate_up_scale_zeros, Tensor?[] gate_up_perm, int gate_up_group, "
         "Tensor[] down, Tensor[] down_scale_zeros, Tensor?[] down_perm, int down_group, ScalarType dtype) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("configure(int dots, int prefetch) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(moe_edge, CatchAll, m) {
+  m.impl("configure", &moe_edge::configure);
 }
 
 TORCH_LIBRARY_IMPL(moe_edge, CPU, m) {

@@ -32,10 +32,12 @@ from pathlib import Path
 
 import torch
 
-ENV = "MOE_EDGE_NATIVE"  # "0": PyTorch's kernel only (to compare, or to rule this one out)
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16"}
+ENV = "MOE_EDGE_NATIVE"  # "0": PyTorch's kernel only (to compare, or to rule this one out); "bf16", "int8": those dots
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16", "avx512_vnni"}  # every AVX512-BF16 CPU has VNNI
+DOTS = {"bf16": 0, "int8": 1}  # the kernel's two variants (csrc/int4_decode.cpp), as its `configure` numbers them
+PREFETCH = {"GenuineIntel": 65536}  # bytes the kernel prefetches ahead, by CPU vendor; elsewhere none
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [CSRC / "int4_decode.cpp", CSRC / "decode_step.cpp"]
+SOURCES = [CSRC / "int4_decode.cpp", CSRC / "decode_step.cpp", CSRC / "int8_head.cpp"]
 HEADERS = [CSRC / "int4_decode.h"]  # included by both sources: a change rebuilds too
 LIBRARY = "moe_edge_int4"
 log = logging.getLogger(__name__)
@@ -68,13 +70,45 @@ def available() -> bool:
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux; empty elsewhere)."""
+    return set(_cpuinfo().get("flags", "").split())
+
+
+def cpu_vendor() -> str:
+    """'GenuineIntel', 'AuthenticAMD', ... (Linux; '' elsewhere)."""
+    return _cpuinfo().get("vendor_id", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return set()
+    return fields
+
+
+def dots() -> str:
+    """Which dot products the kernel runs here: `MOE_EDGE_NATIVE=bf16` or `=int8` names them;
+    otherwise int8 activations with VNNI on AMD CPUs (1.5x the bf16 variant on weights in the
+    caches, 1.04-1.08x on the 16B shape's decode, AMD EPYC; docs/kernels.md), bf16 elsewhere."""
+    named = os.environ.get(ENV, "")
+    if named in DOTS:
+        return named
+    return "int8" if cpu_vendor() == "AuthenticAMD" else "bf16"
+
+
+def configure(variant: str | None = None, prefetch: int | None = None) -> None:
+    """Set the kernel's dot products ("bf16", "int8") and prefetch distance for this process (default: what
+    `dots()` and the CPU vendor choose); `available()` does it once. Benchmarks switch them
+    to compare in one process."""
+    _CONFIGURE(DOTS[variant or dots()],
+               PREFETCH.get(cpu_vendor(), 0) if prefetch is None else prefetch)
 
 
 def _folder() -> Path:
@@ -97,7 +131,7 @@ def _build() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not _built(folder):  # said before the lock: waiting on another process's build is as long
         log.info("compiling the native int4 kernel and decode steps (once, ~30 s)...")
-    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512bf16"]
+    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512bf16", "-mavx512vnni"]
     if torch.backends.openmp.is_available():
         flags.append("-fopenmp")  # ATen's parallel_for is an OpenMP pragma in its header
     # ninja comes with moe-edge, next to this Python, which need not be on PATH (a venv's
@@ -115,11 +149,12 @@ def _build() -> None:
                           build_directory=str(folder), is_python_module=True, verbose=False)
     finally:
         os.environ["PATH"] = path
-    global _MM, _CAT, _MLPS, _ATTEND, _STEPS
+    global _MM, _CAT, _MLPS, _ATTEND, _STEPS, _CONFIGURE, _INT8
     _STEPS = module
     ops = torch.ops.moe_edge
     _MM, _CAT, _MLPS = ops.int4_mm.default, ops.int4_mm_cat.default, ops.mlps.default
-    _ATTEND = ops.decode_attention.default
+    _ATTEND, _CONFIGURE, _INT8 = ops.decode_attention.default, ops.configure.default, ops.int8_mm.default
+    configure()
 
 
 def usable(layer) -> bool:
@@ -180,6 +215,18 @@ def _args(mlp) -> tuple:
     return args
 
 
+def int8_usable(in_features: int) -> bool:
+    """Whether the int8 lm_head's matmul (csrc/int8_head.cpp) runs here for this input width:
+    the kernels built, a multiple of 32 inputs."""
+    return in_features % 32 == 0 and available()
+
+
+def int8_mm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(x2 @ q.T) * scale for int8 q [N, K] with one bf16 scale per row, x2 fp32 [M, K] ->
+    fp32 [M, N] (`int8_usable`): x2 scaled to int16 per row, exact int32 dot products."""
+    return _INT8(x2, q, scale)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """One decode step's attention over a bf16 KV cache (csrc: `decode_attention`): q fp32
     [1, H, 1, Hd], k and v bf16 [1, K, S, Hd] views of the cache -> fp32 [1, H, 1, Hd]."""
@@ -192,5 +239,5 @@ def steps():
     return _STEPS
 
 
-_MM = _CAT = _MLPS = _ATTEND = _STEPS = None  # the ops and the decode steps' module, once built (see _build)
+_MM = _CAT = _MLPS = _ATTEND = _STEPS = _CONFIGURE = _INT8 = None  # the ops and the decode steps' module, once built (see _build)
 _BUILDING = threading.Lock()  # lru_cache does not hold a second thread back on a first call
