@@ -5,7 +5,10 @@ disk's, the ceiling for an offloaded model's misses: prints JSON.
     python bench/bandwidth.py --storage ~/.cache/moe-edge --record 4.4MiB --reads 1,4
 
 Sums a 2 GiB tensor (far larger than any cache) with 1 thread and with every core, best of
-five passes each; decode tokens/s x bytes read per token is compared against this. Storage:
+five passes each, on 4 KiB pages and on transparent huge pages (madvised, as moe-edge's
+expert slots and int8 head are: where the system's setting is `madvise` an ordinary
+allocation gets 4 KiB pages, whose every page boundary stops the hardware prefetchers);
+decode tokens/s x bytes read per token is compared against this. Storage:
 random positioned reads of `--record` bytes (an expert), each number of reads in flight,
 around the page cache where the filesystem allows: as the disk expert store reads
 (moe_edge.offload.forecast.probe_storage, 256 MiB from a scratch file in that folder).
@@ -20,6 +23,7 @@ import time
 import torch
 from _machine import emit, machine  # bench/ is on sys.path when a script runs
 
+from moe_edge.memory import huge_pages
 from moe_edge.offload.forecast import probe_storage
 from moe_edge.offload.plan import parse_size
 
@@ -46,6 +50,13 @@ def main() -> None:
     result = {f"read_gb_per_s_{t}_thread{'s' if t > 1 else ''}": round(read_gbps(x, t), 2)
               for t in sorted({1, cores})}
     result["bytes"] = x.numel() * 4
+    del x
+    x = torch.empty(2**29)
+    if huge_pages(x):
+        x.fill_(1)
+        result.update({f"huge_pages_read_gb_per_s_{t}_thread{'s' if t > 1 else ''}": round(read_gbps(x, t), 2)
+                       for t in sorted({1, cores})})
+    del x
     if args.storage:
         record = parse_size(args.record)
         result["storage"] = {"folder": args.storage, "record_bytes": record, **{

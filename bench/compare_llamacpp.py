@@ -46,11 +46,15 @@ GGUF_DIR = Path("build/gguf")
 
 
 def memory() -> dict:
-    """This process's resident memory in MiB: now, peak, anonymous and file-backed (mmap)."""
+    """This process's resident memory in MiB: now, peak, anonymous and file-backed (mmap), and
+    how much of it is on transparent huge pages (weights streamed from 4 KiB pages read slower)."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     kib = lambda key: round(int(status[key].split()[0]) / 1024, 1) if key in status else None
+    huge = [line.split()[1] for line in Path("/proc/self/smaps_rollup").read_text().splitlines()
+            if line.startswith("AnonHugePages:")]
     return {"rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1), "peak_rss_mib": kib("VmHWM"),
-            "rss_anon_mib": kib("RssAnon"), "rss_file_mib": kib("RssFile")}
+            "rss_anon_mib": kib("RssAnon"), "rss_file_mib": kib("RssFile"),
+            "rss_huge_mib": round(int(huge[0]) / 1024, 1) if huge else None}
 
 
 # ---- llama.cpp ------------------------------------------------------------------------------
@@ -307,7 +311,7 @@ def benchmark(args) -> dict:
             r = spawn(engine, args, f.name)
             runs.append({"engine": engine, "repeat": rep, **r})
             print(f"{engine} #{rep}: prompt {r['prompt_tps']:.1f} tok/s, decode {r['decode_tps']:.2f} "
-                  f"tok/s, rss {r['rss_mib']:.0f} MiB", file=sys.stderr)
+                  f"tok/s, rss {r['rss_mib']:.0f} MiB ({r['rss_huge_mib']} on huge pages)", file=sys.stderr)
     Path(f.name).unlink()
     ours = summarise(runs, "moe-edge", runs[0]["active_bytes"])
     theirs = summarise(runs, "llama.cpp", active_bytes(args.gguf, config.top_k, config.num_experts))

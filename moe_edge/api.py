@@ -17,7 +17,7 @@ import torch
 from .checkpoint import CheckpointReader
 from .config import ModelConfig, load_config
 from .errors import ConfigError
-from .memory import trim_heap
+from .memory import onto_huge_pages, trim_heap
 from .generation import GenerationResult, PrefixCache, SamplingParams, TextStream, read_generation_config
 from .model import MoEForCausalLM
 from .info import keeps_bf16, kv_dtype
@@ -139,6 +139,8 @@ def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
             and model.config.sliding_window is None and native.available()):  # the kernel takes no mask
         for layer in model.model.layers:
             layer.self_attn.decode_kernel = native.decode_attention
+    if device.type == "cpu":
+        onto_huge_pages(model)  # before the native steps hold the weights
     use_native_steps(model)
     c = model.config
     int8 = head_in_int8(lm_head, device, c.vocab_size * c.hidden_size, c.tie_word_embeddings)

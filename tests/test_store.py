@@ -202,6 +202,30 @@ def test_a_slot_given_up_leaves_the_huge_pages():
     assert int(bufs[1].sum()) == 0  # the pages went back: they read as zeros
 
 
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                    reason="no transparent huge pages")
+def test_dense_weights_move_onto_huge_pages_keeping_their_values_and_ties():
+    """onto_huge_pages copies weights that own their memory into one mapping advised for huge
+    pages (VmFlags `hg`); embeddings, small weights and views into a shared allocation stay
+    where they are, and a weight two modules share stays one tensor."""
+    from torch import nn
+    from moe_edge.memory import onto_huge_pages
+    model = nn.ModuleDict({"a": nn.Linear(1024, 1024), "b": nn.Linear(1024, 1024, bias=False),
+                           "emb": nn.Embedding(1024, 1024)})
+    model["b"].weight = model["a"].weight  # tied
+    pool = torch.randn(2, 1024, 1024)
+    model["a"].register_buffer("view", pool[1])  # a view into a larger allocation
+    before = {n: (t.data_ptr(), t.clone()) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    moved = onto_huge_pages(model)
+    assert moved == 1024 * 1024 * 4  # the shared weight, once
+    w = model["a"].weight
+    assert isinstance(w, nn.Parameter) and model["b"].weight is w and "hg" in vm_flags(w.data_ptr())
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    for name, (ptr, value) in before.items():
+        assert torch.equal(after[name], value)
+        assert (after[name].data_ptr() == ptr) == (name != "a.weight"), name  # bias: small; emb; view
+
+
 def vm_flags(address: int) -> list[str]:
     """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
     inside = False
