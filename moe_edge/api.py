@@ -139,14 +139,14 @@ def _finish(model: MoEForCausalLM, quant, dtype: torch.dtype, keep16: bool,
             and model.config.sliding_window is None and native.available()):  # the kernel takes no mask
         for layer in model.model.layers:
             layer.self_attn.decode_kernel = native.decode_attention
-    if device.type == "cpu":
-        onto_huge_pages(model)  # before the native steps hold the weights
-    use_native_steps(model)
     c = model.config
     int8 = head_in_int8(lm_head, device, c.vocab_size * c.hidden_size, c.tie_word_embeddings)
     model.lm_head_int8 = int8 and int8_lm_head(model)
     if not model.lm_head_int8 and not c.tie_word_embeddings:
         store_transposed(model.lm_head)  # an fp32 head: its decode row reads faster
+    if device.type == "cpu":  # the weights final (a head replaced above would stay in the mapping)
+        onto_huge_pages(model)  # and before the native steps hold them
+    use_native_steps(model)
 
 
 @dataclass

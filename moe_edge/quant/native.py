@@ -32,9 +32,11 @@ from pathlib import Path
 
 import torch
 
-ENV = "MOE_EDGE_NATIVE"  # "0": PyTorch's kernel only (to compare, or to rule this one out); "bf16", "int8": those dots
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16", "avx512_vnni"}  # every AVX512-BF16 CPU has VNNI
-DOTS = {"bf16": 0, "int8": 1}  # the kernel's two variants (csrc/int4_decode.cpp), as its `configure` numbers them
+# "0": PyTorch's kernel only (to compare, or to rule this one out); "bf16", "int8": that variant
+ENV = "MOE_EDGE_NATIVE"
+# the instructions the kernels use (every CPU with AVX512-BF16 has VNNI)
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16", "avx512_vnni"}
+DOTS = {"bf16": 0, "int8": 1}  # the kernel's variants (csrc/int4_decode.cpp) as its `configure` numbers them
 PREFETCH = {"GenuineIntel": 65536}  # bytes the kernel prefetches ahead, by CPU vendor; elsewhere none
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = [CSRC / "int4_decode.cpp", CSRC / "decode_step.cpp", CSRC / "int8_head.cpp"]
@@ -104,9 +106,9 @@ def dots() -> str:
 
 
 def configure(variant: str | None = None, prefetch: int | None = None) -> None:
-    """Set the kernel's dot products ("bf16", "int8") and prefetch distance for this process (default: what
-    `dots()` and the CPU vendor choose); `available()` does it once. Benchmarks switch them
-    to compare in one process."""
+    """Set the kernel's dot products ("bf16", "int8") and prefetch distance for this process
+    (default: what `dots()` and the CPU vendor choose); `available()` does it once.
+    Benchmarks switch them to compare in one process."""
     _CONFIGURE(DOTS[variant or dots()],
                PREFETCH.get(cpu_vendor(), 0) if prefetch is None else prefetch)
 
@@ -153,7 +155,8 @@ def _build() -> None:
     _STEPS = module
     ops = torch.ops.moe_edge
     _MM, _CAT, _MLPS = ops.int4_mm.default, ops.int4_mm_cat.default, ops.mlps.default
-    _ATTEND, _CONFIGURE, _INT8 = ops.decode_attention.default, ops.configure.default, ops.int8_mm.default
+    _ATTEND, _CONFIGURE = ops.decode_attention.default, ops.configure.default
+    _INT8 = ops.int8_mm.default
     configure()
 
 
@@ -239,5 +242,6 @@ def steps():
     return _STEPS
 
 
-_MM = _CAT = _MLPS = _ATTEND = _STEPS = _CONFIGURE = _INT8 = None  # the ops and the decode steps' module, once built (see _build)
+# the ops and the decode steps' module, once built (see _build)
+_MM = _CAT = _MLPS = _ATTEND = _STEPS = _CONFIGURE = _INT8 = None
 _BUILDING = threading.Lock()  # lru_cache does not hold a second thread back on a first call
