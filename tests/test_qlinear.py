@@ -333,6 +333,31 @@ def test_int8_lm_head_native_kernel_is_the_product_of_its_int16_input():
     assert rel_err(y, exact) < 1e-4 < rel_err(theirs, exact)
 
 
+def test_weights_go_onto_huge_pages_once_final(gptq_ckpt, monkeypatch):
+    """A CPU load moves the weights onto huge pages after the lm_head is made int8 (a head
+    replaced later would leave its copy in the mapping) and before the native decode steps
+    take references to them: every weight the model holds is the moved one."""
+    import moe_edge.api as api
+    from moe_edge.quant.int8 import Int8Linear
+    seen = {}
+    real = api.onto_huge_pages
+
+    def recording(model, smallest=2**18):
+        seen["head"] = type(model.lm_head)
+        seen["steps"] = any(layer.native_steps is not None for layer in model.model.layers)
+        return real(model, smallest=1)  # every weight, however small: the tiny model's too
+    monkeypatch.setattr(api, "onto_huge_pages", recording)
+    lm = load(gptq_ckpt[1], device="cpu", lm_head="int8")
+    assert seen == {"head": Int8Linear, "steps": False}
+    pools = {t.untyped_storage().data_ptr() for n, t in lm.model.named_buffers()
+             if n.endswith(".packed") and ".experts." not in n}  # (routed experts: the store's slots)
+    assert len(pools) == 1  # every other int4 weight is a view into the one advised mapping
+    ids = torch.tensor([lm.encode("Weights on huge pages compute the same.")])
+    ref = load(gptq_ckpt[1], device="cpu", lm_head="int8")
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids), ref.model(ids))
+
+
 def test_int8_lm_head_load_option(gptq_ckpt):
     """load(lm_head="int8") swaps the checkpoint's head for an Int8Linear, close to it; info
     and the offload plan count its bytes alike; unknown values are refused by name."""
