@@ -71,6 +71,20 @@ def huge_pages(buf) -> bool:
     return libc.madvise(ctypes.c_void_p(start + first), ctypes.c_size_t(size), MADV_HUGEPAGE) == 0
 
 
+def huge_page_pool(nbytes: int):
+    """`nbytes` of fresh CPU memory (a uint8 tensor) starting on a 2 MiB boundary and advised
+    for transparent huge pages before anything touches it: a private anonymous mapping of
+    its own (a shared one is shmem, which gets no huge pages by default; a heap allocation
+    may reuse pages already faulted in at 4 KiB). Without libc the advice is skipped."""
+    import torch
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    pool = torch.frombuffer(mmap.mmap(-1, nbytes + HUGE_PAGE, flags=private), dtype=torch.uint8)
+    start = -pool.data_ptr() % HUGE_PAGE
+    pool = pool[start:start + nbytes]
+    huge_pages(pool)
+    return pool
+
+
 def onto_huge_pages(module, smallest: int = 2**18) -> int:
     """Copy the CPU weights of `module` (parameters and buffers that own an allocation of
     `smallest` bytes or more; embeddings aside, read a row at a time) into one fresh anonymous
@@ -82,7 +96,6 @@ def onto_huge_pages(module, smallest: int = 2**18) -> int:
     one weight at most. Views into a shared allocation (expert slots: advised already) are
     left; a tensor shared by several modules stays shared. Call before anything keeps
     references to the weights (the native decode steps). -> bytes moved."""
-    import torch
     from torch import nn
     if _libc() is None:
         return 0
@@ -102,11 +115,7 @@ def onto_huge_pages(module, smallest: int = 2**18) -> int:
     sizes = [-(-t.nbytes // 64) * 64 for t in weights]
     if not weights:
         return 0
-    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # (a shared one is shmem: no huge pages by default)
-    pool = torch.frombuffer(mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=private), dtype=torch.uint8)
-    start = -pool.data_ptr() % HUGE_PAGE
-    pool = pool[start:start + sum(sizes)]
-    huge_pages(pool)
+    pool = huge_page_pool(sum(sizes))
     at = 0
     for t, size in zip(weights, sizes):
         new = pool[at:at + t.nbytes].view(t.dtype).view(t.shape).copy_(t)

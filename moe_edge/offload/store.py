@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import StoreError
-from ..memory import huge_pages
+from ..memory import huge_page_pool
 from ..model.layers import MLP, Linear16
 from ..quant.qlinear import QuantLinear, QuantMLP, use_quant_mlps
 
@@ -122,10 +122,12 @@ def expert_from_buffer(layout: ExpertLayout, buf: torch.Tensor, hidden: int, wid
 def slot_buffers(stride: int, count: int, device: torch.device) -> list[torch.Tensor]:
     """`count` uint8 buffers of `stride` bytes carved from one allocation, each starting on a
     page boundary (a PAGE-multiple stride keeps them so): what a direct read lands in."""
-    pool = torch.empty(stride * count + PAGE, dtype=torch.uint8, device=device)
-    huge_pages(pool)  # untouched yet: fewer pages for each read to pin (memory.huge_pages)
-    start = -pool.data_ptr() % PAGE
-    return [pool[start + i * stride:start + (i + 1) * stride] for i in range(count)]
+    if device.type == "cpu":  # huge pages: fewer pages for each read to pin (memory.huge_pages)
+        pool = huge_page_pool(stride * count)
+    else:
+        pool = torch.empty(stride * count + PAGE, dtype=torch.uint8, device=device)
+        pool = pool[-pool.data_ptr() % PAGE:]
+    return [pool[i * stride:(i + 1) * stride] for i in range(count)]
 
 
 class RamStore:

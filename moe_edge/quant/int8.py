@@ -16,7 +16,6 @@ from torch import nn
 
 from .. import cpu
 from ..errors import ConfigError
-from ..memory import huge_pages
 from . import native
 
 LM_HEADS = ("auto", "int8", "stored")  # what load(lm_head=...) accepts
@@ -58,7 +57,6 @@ class Int8Linear(nn.Module):
         N, K = weight.shape
         self.in_features, self.out_features = K, N
         q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
-        huge_pages(q)  # streamed whole every token: fewer TLB misses, no prefetcher stop at every 4 KiB
         scales = torch.empty(N, dtype=torch.bfloat16, device=weight.device)
         for i in range(0, N, rows):  # a block of rows at a time: no fp32 copy of the whole head
             w = weight[i:i + rows].float()
